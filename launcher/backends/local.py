@@ -1,0 +1,132 @@
+"""The local backend: torchrun's elastic agent (torch.distributed.launcher), in this process.
+
+`plan()` is torch-free (it backs `--dry-run`); `run()` imports torch, starts `nodes x procs_per_node` workers
+(`python -m launcher.worker RUN_DIR`) and turns a worker failure into a report that names the rank, host, exit
+code or signal and that rank's log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from typing import Any
+
+from .. import hardware
+from ..errors import UsageError
+from ..monitor import log_path
+from .plan import Plan
+
+log = logging.getLogger("launcher")
+
+
+def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, run_id: str | None = None) -> Plan:
+    """Decide devices and process counts for this node; raise UsageError when the machine cannot do it."""
+    launch = cfg.launch
+    wanted = cfg.trainer.device
+    gpus = hardware.visible_gpu_count()
+    notes: list[str] = []
+    if wanted == "cuda" and gpus == 0:
+        raise UsageError("trainer.device is 'cuda' but this machine has no visible GPU "
+                         "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or set trainer.device=cpu")
+    use_cuda = gpus > 0 and wanted != "cpu"
+    procs = launch.gpus_per_node
+    if use_cuda:
+        procs = gpus if procs is None else procs
+        if procs > gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise UsageError(
+                f"--gpus {procs} asks for more GPUs than this machine has: {gpus} visible"
+                f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}. "
+                f"Use --gpus {gpus} or fewer, or set trainer.device=cpu to run CPU processes.")
+    else:
+        procs = 1 if procs is None else procs
+        notes.append(f"no CUDA device: running {procs} process{'es' if procs != 1 else ''} per node on the CPU "
+                     f"with gloo" if gpus == 0 else f"trainer.device=cpu: running {procs} CPU processes with gloo")
+    env: dict[str, str] = {"LAUNCHER_RUN_DIR": run_dir}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
+    else:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    single = launch.nodes == 1 and rdzv_endpoint is None
+    return Plan(
+        backend="local",
+        nodes=int(launch.nodes),
+        procs_per_node=int(procs),
+        device="cuda" if use_cuda else "cpu",
+        dist_backend="nccl" if use_cuda else "gloo",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0 (a free port, this node only)" if single else str(rdzv_endpoint),
+        run_id=run_id or uuid.uuid4().hex[:12],
+        run_dir=run_dir,
+        max_restarts=int(launch.max_restarts),
+        rdzv_timeout_s=900,
+        entrypoint=[sys.executable, "-m", "launcher.worker", run_dir],
+        env=env,
+        notes=notes,
+    )
+
+
+def run(p: Plan) -> int:
+    """Start the workers of this node and wait; returns the exit code for `launch`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.update(p.env)
+    endpoint = "localhost:0" if p.rdzv_endpoint.startswith("localhost:0") else p.rdzv_endpoint
+    config = LaunchConfig(
+        min_nodes=p.nodes, max_nodes=p.nodes, nproc_per_node=p.procs_per_node, run_id=p.run_id,
+        rdzv_backend=p.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs={"timeout": p.rdzv_timeout_s},
+        max_restarts=p.max_restarts, monitor_interval=0.1, start_method="spawn",
+    )
+    try:
+        elastic_launch(config, entrypoint=p.entrypoint[0])(*p.entrypoint[1:])
+    except ChildFailedError as e:
+        sys.stderr.write(failure_report(e.failures, p.run_dir))
+        return 1
+    except SignalException as e:
+        sys.stderr.write(f"launch: stopped by {signal.Signals(e.sigval).name}; workers were shut down\n")
+        return 128 + int(e.sigval)
+    return 0
+
+
+def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12) -> str:
+    """A plain report of failed ranks, first failure first: rank, host, exit code or signal, message, log."""
+    host = host or socket.gethostname()
+    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp or 0, kv[0]))
+    out = [f"launch: {len(ordered)} rank{'s' if len(ordered) != 1 else ''} failed "
+           f"(first failure first)\n"]
+    for rank, f in ordered:
+        if f.exitcode < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-f.exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-f.exitcode}"
+        else:
+            how = f"exit code {f.exitcode}"
+        message = f.message if isinstance(f.message, str) else f.message.get("message", "")
+        path = log_path(run_dir, rank)
+        out.append(f"  rank {rank} (local rank {f.local_rank}, pid {f.pid}) on host {host}: {how}\n")
+        if message and not message.startswith("To enable traceback"):
+            out.append(f"    error: {message.strip().splitlines()[-1]}\n")
+        out.append(f"    log: {path}\n")
+        lines = _tail(path, tail)
+        if lines:
+            out.append(f"    last lines of the log:\n")
+            out.extend(f"      | {line}\n" for line in lines)
+    return "".join(out)
+
+
+def _tail(path: str, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return f.read().decode(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []

@@ -1,0 +1,38 @@
+"""The process plan: what a backend will start, described without importing torch (printed by --dry-run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Plan:
+    """Everything needed to start (or to show) one job."""
+
+    backend: str
+    nodes: int
+    procs_per_node: int
+    device: str  # "cuda" or "cpu"
+    dist_backend: str  # "nccl" or "gloo"
+    rdzv_backend: str
+    rdzv_endpoint: str
+    run_id: str
+    run_dir: str
+    max_restarts: int
+    rdzv_timeout_s: int
+    entrypoint: list[str] = field(default_factory=lambda: [sys.executable])
+    env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["world_size"] = self.world_size
+        d.pop("notes")
+        return d

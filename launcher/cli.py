@@ -1,0 +1,152 @@
+"""The `launch` command (also `python -m launcher`).
+
+    launch RECIPE.yaml [--nodes N] [--gpus G] [--dry-run] [--run-dir DIR] [key=value ...]
+    launch train.py --gpus 2 [-- SCRIPT ARGS]          # bring your own script, torchrun-style
+    launch --explain                                    # every recipe key with its type and meaning
+
+Exit codes: 0 done, 1 a rank failed, 2 bad input (nothing was started), 128+N stopped by signal N.
+This module and everything it imports before the actual launch stay free of torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+from . import __version__
+from .errors import LauncherError, UsageError
+
+HELP_EPILOG = """\
+examples:
+  launch recipes/quickstart.yaml --gpus 2
+  launch recipes/digits.yaml --gpus 2 trainer.max_epochs=3 data.batch_size=64
+  launch recipes/quickstart.yaml --dry-run
+  launch my_train.py --gpus 2 -- --lr 0.1       (a plain torchrun-style script)
+  launch --explain                              (all recipe keys)
+
+exit codes: 0 done, 1 a rank failed, 2 bad input (nothing started), 128+N stopped by signal N
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP_EPILOG,
+        description="Train a recipe (YAML) or a plain script with torchrun on this machine.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML, or a Python training script")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any recipe key")
+    p.add_argument("--nodes", "--nnodes", dest="nodes", type=int, help="number of nodes (launch.nodes)")
+    p.add_argument("--gpus", "--nproc-per-node", "--nproc_per_node", dest="gpus", type=int,
+                   help="processes per node: one per GPU, or CPU processes without GPUs (launch.gpus_per_node)")
+    p.add_argument("--run-dir", help="run directory (default: run.dir, else runs/<run.name>)")
+    p.add_argument("--max-restarts", type=int, help="restarts of a failed worker group (launch.max_restarts)")
+    p.add_argument("-m", "--module", help="run this module as the training script (python -m MODULE)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and process plan; start nothing")
+    p.add_argument("--explain", action="store_true", help="list every recipe key with its type and meaning")
+    p.add_argument("--version", action="version", version=f"launcher {__version__}")
+    return p
+
+
+def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+    except LauncherError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    own, script_args = _split_script_args(argv)
+    args = _parser().parse_args(own)
+    from . import recipe
+
+    if args.explain:
+        for key, tp, text in recipe.explain():
+            print(f"{key:28} {tp:16} {text}")
+        return 0
+
+    defaults: dict = {}
+    path = args.recipe
+    if args.module:
+        if path is not None:  # `launch -m pkg.train key=value`: the positional is an override
+            args.overrides.insert(0, path)
+            path = None
+        defaults = {"script": {"module": args.module, "args": script_args},
+                    "run": {"name": args.module.rsplit(".", 1)[-1]}}
+    elif path is None:
+        raise UsageError("name a recipe (launch RECIPE.yaml) or a script (launch train.py); see launch --help")
+    elif path.endswith(".py"):
+        if not os.path.isfile(path):
+            raise UsageError(f"script not found: {path}")
+        defaults = {"script": {"path": path, "args": script_args},
+                    "run": {"name": os.path.splitext(os.path.basename(path))[0]}}
+        path = None
+    elif script_args:
+        defaults = {"script": {"args": script_args}}
+
+    flags = []
+    if args.nodes is not None:
+        flags.append(f"launch.nodes={args.nodes}")
+    if args.gpus is not None:
+        flags.append(f"launch.gpus_per_node={args.gpus}")
+    if args.max_restarts is not None:
+        flags.append(f"launch.max_restarts={args.max_restarts}")
+    loaded = recipe.load(path, [*args.overrides, *flags], defaults=defaults)
+    cfg = loaded.cfg
+
+    run_dir = os.path.abspath(args.run_dir or cfg.run.dir or os.path.join("runs", cfg.run.name))
+    cfg.run.dir = run_dir
+
+    from .backends import local
+    plan = local.plan(cfg, run_dir)
+
+    if args.dry_run:
+        import yaml
+        print("# resolved recipe")
+        print(recipe.to_yaml(cfg), end="")
+        print("# process plan (nothing was started)")
+        print(yaml.safe_dump({"plan": plan.to_dict()}, sort_keys=False), end="")
+        for note in plan.notes:
+            print(f"# {note}")
+        return 0
+
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    recipe.save(cfg, os.path.join(run_dir, "config.yaml"), extra={"launcher_version": __version__})
+    _write_launch_json(run_dir, plan, argv)
+    for note in plan.notes:
+        print(f"launch: {note}", file=sys.stderr)
+    print(f"launch: run {cfg.run.name}: {plan.world_size} process{'es' if plan.world_size != 1 else ''} "
+          f"({plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.procs_per_node}), "
+          f"logs in {os.path.join(run_dir, 'logs')}", file=sys.stderr)
+    return local.run(plan)
+
+
+def _write_launch_json(run_dir: str, plan: object, argv: list[str]) -> None:
+    import socket
+
+    info = {"launcher_version": __version__, "argv": argv, "cwd": os.getcwd(), "host": socket.gethostname(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **plan.to_dict()}  # type: ignore[attr-defined]
+    path = os.path.join(run_dir, "launch.json")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""The recipe: a typed schema, loading, merging and validation, and `_target_` instantiation.
+
+Merge order, in one place (`load`): schema defaults <- recipe YAML <- command-line `key=value` overrides <- flags.
+Every problem found is collected and raised together as one RecipeError naming the file, line and key path.
+Nothing here imports torch: `launch --dry-run` and validation stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import imports
+from .errors import RecipeError, UsageError
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A schema field with its one-line documentation (shown by `launch --explain`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+Component = Optional[Dict[str, Any]]  # {_target_: pkg.module.Name, **kwargs}
+
+
+@dataclass
+class RunSection:
+    name: str = doc("Run name; the run directory defaults to runs/<name>. Defaults to the recipe file's stem.", "")
+    dir: Optional[str] = doc("Run directory (config.yaml, logs/, checkpoints). `--run-dir` overrides it.", None)
+
+
+@dataclass
+class LaunchSection:
+    nodes: int = doc("Number of nodes (`--nodes`, `--nnodes`).", 1)
+    gpus_per_node: Optional[int] = doc(
+        "Processes per node: one per GPU, or CPU processes when no GPU is present (`--gpus`, `--nproc-per-node`). "
+        "Default: every visible GPU, or 1 on the CPU.", None)
+    max_restarts: int = doc("How many times the local agent restarts a failed worker group.", 0)
+
+
+@dataclass
+class ScriptSection:
+    path: Optional[str] = doc("A plain training script to run on every rank with the torchrun environment set.", None)
+    module: Optional[str] = doc("Like `path`, but a module run as `python -m MODULE`.", None)
+    args: List[str] = doc("Arguments passed to the script.", factory=list)
+
+
+@dataclass
+class DataSection:
+    train: Component = doc("The training dataset: {_target_: ..., **kwargs}; a map-style torch Dataset.", None)
+    batch_size: int = doc("Samples per rank per step (the global batch is batch_size x world size).", 32)
+    shuffle: bool = doc("Shuffle every epoch (the order depends on seed and epoch only).", True)
+    num_workers: int = doc("DataLoader worker processes per rank.", 2)
+    pin_memory: Optional[bool] = doc("Pin host memory for faster copies to the GPU. Default: on with CUDA.", None)
+    drop_last: bool = doc("Drop each rank's last incomplete batch.", False)
+    persistent_workers: bool = doc("Keep DataLoader workers alive between epochs (when num_workers > 0).", True)
+    prefetch_factor: Optional[int] = doc("Batches each worker loads ahead (needs num_workers > 0).", None)
+    collate_fn: Optional[str] = doc("Import path of a collate function; default torch's.", None)
+
+
+@dataclass
+class TrainerSection:
+    max_steps: Optional[int] = doc("Stop after this many optimizer steps.", None)
+    max_epochs: Optional[int] = doc("Stop after this many epochs (whichever limit comes first).", None)
+    log_every_steps: int = doc("Print and record progress every N steps.", 10)
+    grad_clip_norm: Optional[float] = doc("Clip the global gradient norm to this value.", None)
+    device: str = doc("auto (CUDA when present, else CPU), cuda or cpu.", "auto")
+
+
+@dataclass
+class Recipe:
+    seed: int = doc("Seed for model initialisation (same on all ranks), data order and per-rank streams.", 0)
+    run: RunSection = doc("Where the run lives.", factory=RunSection)
+    launch: LaunchSection = doc("How many nodes and processes.", factory=LaunchSection)
+    script: ScriptSection = doc("Bring-your-own training script instead of the built-in trainer.", factory=ScriptSection)
+    model: Component = doc("The model: {_target_: ..., **kwargs}; a torch.nn.Module.", None)
+    data: DataSection = doc("Datasets and DataLoader settings.", factory=DataSection)
+    optimizer: Component = doc("Optimizer, called with the model's trainable parameters first.",
+                               factory=lambda: {"_target_": "torch.optim.AdamW", "lr": 1e-3})
+    lr_scheduler: Component = doc("LR scheduler, called with the optimizer first; stepped every step.", None)
+    loss: Component = doc("Loss, called as loss(model_output, target).",
+                          factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})
+    trainer: TrainerSection = doc("Training limits, logging and clipping.", factory=TrainerSection)
+
+
+COMPONENT_KEYS = ("model", "data.train", "optimizer", "lr_scheduler", "loss")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------- YAML reading
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; recipes mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line in the YAML text."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[path] = k.start_mark.line + 1
+                walk(v, path)
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"recipe file not found: {path}" + ("" if p.parent.exists() else f" (no directory {p.parent})"))
+    text = p.read_text()
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise RecipeError([f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: a recipe is a mapping of keys, found a {type(data).__name__}"])
+    return data, _line_map(text)
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value) with YAML typing; raises ValueError with a message for the user."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not key=value (for example trainer.max_steps=100)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"override '{text}': '{key}' is not a dotted key path (for example data.batch_size=64)")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override '{text}': the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return key, value
+
+
+# ----------------------------------------------------------------------------------------------- schema checks
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        out.append(path)
+        tp = _strip_optional(_hints(cls)[f.name])
+        if dataclasses.is_dataclass(tp):
+            out.extend(all_keys(tp, path + "."))
+    return out
+
+
+def explain(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, doc) for every leaf and section: the reference `launch --explain` prints."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        inner = _strip_optional(tp)
+        rows.append((f"{prefix}{f.name}", _type_name(tp), f.metadata.get("doc", "")))
+        if dataclasses.is_dataclass(inner):
+            rows.extend(explain(inner, f"{prefix}{f.name}."))
+    return rows
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+    inner = _strip_optional(tp)
+    if dataclasses.is_dataclass(inner):
+        name = "section"
+    elif typing.get_origin(inner) in (dict, Dict):
+        name = "component"
+    elif typing.get_origin(inner) in (list, List):
+        name = "list"
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return f"{name} or null" if optional else name
+
+
+def _is_component(tp: Any) -> bool:
+    return typing.get_origin(_strip_optional(tp)) in (dict, Dict)
+
+
+def _unknown_key(key: str, path: str, valid: list[str]) -> str:
+    msg = f"unknown key '{path}'"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        msg += f"; did you mean '{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}'?"
+    else:
+        elsewhere = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key]
+        if elsewhere:
+            msg += f"; did you mean '{elsewhere[0]}'?"
+    return msg + f" Valid keys here: {', '.join(valid)}"
+
+
+def _type_problem(tp: Any, value: Any) -> str | None:
+    """None when `value` fits the schema type `tp`, else what was expected."""
+    if isinstance(value, str) and "${" in value:
+        return None  # an interpolation, checked once resolved
+    if value is None:
+        return None if (typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)) else "a value, got null"
+    tp = _strip_optional(tp)
+    got = f"{value!r} ({type(value).__name__})"
+    if tp is Any:
+        return None
+    if typing.get_origin(tp) in (dict, Dict) or dataclasses.is_dataclass(tp):
+        return None if isinstance(value, dict) else f"a mapping, got {got}"
+    if typing.get_origin(tp) in (list, List):
+        return None if isinstance(value, list) else f"a list, got {got}"
+    if tp is bool:
+        return None if isinstance(value, bool) else f"true or false, got {got}"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"an integer, got {got}"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else f"a number, got {got}"
+    if tp is str:
+        return None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else f"a string, got {got}"
+    return None
+
+
+def _check_tree(cls: type, data: dict, prefix: str, where: Any, problems: list[str]) -> None:
+    """Check a raw mapping against a schema section; `where(path)` says where a key came from."""
+    hints = _hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            problems.append(f"{where(path)}: {_unknown_key(str(key), path, valid)}")
+            continue
+        tp = hints[key]
+        bad = _type_problem(tp, value)
+        if bad:
+            problems.append(f"{where(path)}: {path}: expected {bad}")
+            continue
+        inner = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            _check_tree(inner, value, path + ".", where, problems)
+
+
+def _check_override(key: str, value: Any, problems: list[str], text: str) -> None:
+    cls: Any = Recipe
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        path = ".".join(parts[: i + 1])
+        if part not in hints:
+            problems.append(f"override '{text}': {_unknown_key(part, path, list(hints))}")
+            return
+        tp = hints[part]
+        if _is_component(tp) or _strip_optional(tp) is Any:
+            if i == len(parts) - 1:
+                bad = _type_problem(tp, value)
+                if bad:
+                    problems.append(f"override '{text}': {path}: expected {bad}")
+            return  # inside a component every key is the component's own
+        if i == len(parts) - 1:
+            bad = _type_problem(tp, value)
+            if bad:
+                problems.append(f"override '{text}': {path}: expected {bad}")
+            return
+        inner = _strip_optional(tp)
+        if not dataclasses.is_dataclass(inner):
+            problems.append(f"override '{text}': '{path}' is a {_type_name(tp)}, it has no key '{parts[i + 1]}'")
+            return
+        cls = inner
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+@dataclass
+class Loaded:
+    """A validated, fully resolved recipe and where it came from."""
+
+    cfg: DictConfig
+    source: str  # recipe file, or a description for script-only launches
+
+    @property
+    def is_script(self) -> bool:
+        return bool(self.cfg.script.path or self.cfg.script.module)
+
+
+def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None = None) -> Loaded:
+    """Read, merge, resolve and validate a recipe. Raises RecipeError with every problem found.
+
+    `defaults` are recipe values the command line implies (a script launched directly); they sit between
+    the schema and the recipe file. `overrides` are `key=value` strings, applied last.
+    """
+    problems: list[str] = []
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = path or "command line"
+    if path is not None:
+        data, lines = read_yaml(path)
+        _check_tree(Recipe, data, "", lambda p: f"{path}:{lines.get(p, '?')}", problems)
+
+    parsed: list[tuple[str, Any, str]] = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        _check_override(key, value, problems, text)
+        parsed.append((key, value, text))
+    if problems:
+        raise RecipeError(problems)
+
+    cfg = OmegaConf.structured(Recipe)
+    for layer in (defaults or {}, data):
+        try:
+            cfg = _merge_layer(cfg, layer)
+        except OmegaConfBaseException as e:
+            problems.append(f"{source}: {_omegaconf_message(e)}")
+    for key, value, text in parsed:
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            problems.append(f"override '{text}': {_omegaconf_message(e)}")
+    if problems:
+        raise RecipeError(problems)
+
+    if not cfg.run.name:
+        cfg.run.name = Path(path).stem if path else "run"
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise RecipeError([f"{source}: {_omegaconf_message(e)}"]) from None
+
+    problems.extend(_semantic_problems(cfg, source, lines))
+    if problems:
+        raise RecipeError(problems)
+    return Loaded(cfg=cfg, source=source)
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).split("\n")[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> list[str]:
+    """Checks on values that types alone cannot express."""
+    out: list[str] = []
+
+    def at(key: str) -> str:
+        return f"{source}:{lines[key]}" if key in lines else source
+
+    def positive(key: str, allow_none: bool = True, minimum: int = 1) -> None:
+        v = OmegaConf.select(cfg, key)
+        if v is None and allow_none:
+            return
+        if v is None or v < minimum:
+            out.append(f"{at(key)}: {key} must be >= {minimum}, got {v}")
+
+    script = cfg.script
+    if script.path and script.module:
+        out.append(f"{at('script')}: set script.path or script.module, not both")
+    if script.path and not Path(script.path).is_file():
+        out.append(f"{at('script.path')}: script.path: no such file: {script.path}")
+    if script.module and imports._find_spec(script.module) is None:
+        out.append(f"{at('script.module')}: script.module: no module named '{script.module}'")
+    if not (script.path or script.module):
+        for key, what in (("model", "a model"), ("data.train", "a training dataset")):
+            if OmegaConf.select(cfg, key) is None:
+                out.append(f"{source}: {key} is missing: name {what} with _target_ (or set script.path to run "
+                           f"your own training script)")
+        if cfg.trainer.max_steps is None and cfg.trainer.max_epochs is None:
+            out.append(f"{source}: set trainer.max_steps or trainer.max_epochs (or both); training needs a limit")
+    for key in COMPONENT_KEYS:
+        comp = OmegaConf.select(cfg, key)
+        if comp is None:
+            continue
+        target = comp.get("_target_")
+        if target is None:
+            out.append(f"{at(key)}: {key} has no _target_: name the class or function, e.g. "
+                       f"_target_: torch.optim.AdamW")
+            continue
+        problem = imports.check(target)
+        if problem:
+            out.append(f"{at(key + '._target_')}: {key}._target_: {problem}")
+    if cfg.data.collate_fn:
+        problem = imports.check(cfg.data.collate_fn)
+        if problem:
+            out.append(f"{at('data.collate_fn')}: data.collate_fn: {problem}")
+
+    positive("seed", allow_none=False, minimum=0)
+    positive("launch.nodes", allow_none=False)
+    positive("launch.gpus_per_node")
+    positive("launch.max_restarts", allow_none=False, minimum=0)
+    positive("data.batch_size", allow_none=False)
+    positive("data.num_workers", allow_none=False, minimum=0)
+    positive("data.prefetch_factor")
+    positive("trainer.max_steps")
+    positive("trainer.max_epochs")
+    positive("trainer.log_every_steps", allow_none=False)
+    if cfg.data.prefetch_factor is not None and cfg.data.num_workers == 0:
+        out.append(f"{at('data.prefetch_factor')}: data.prefetch_factor needs data.num_workers > 0")
+    if cfg.trainer.grad_clip_norm is not None and cfg.trainer.grad_clip_norm <= 0:
+        out.append(f"{at('trainer.grad_clip_norm')}: trainer.grad_clip_norm must be > 0, got "
+                   f"{cfg.trainer.grad_clip_norm}")
+    if cfg.trainer.device not in DEVICES:
+        out.append(f"{at('trainer.device')}: trainer.device must be one of {', '.join(DEVICES)}, got "
+                   f"'{cfg.trainer.device}'")
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save(cfg: DictConfig, path: str, extra: dict | None = None) -> None:
+    """Write the resolved recipe (plus `extra` top-level keys such as the launcher version), atomically."""
+    body = OmegaConf.to_container(cfg, resolve=True)
+    text = yaml.safe_dump({**(extra or {}), **body}, sort_keys=False) if extra else OmegaConf.to_yaml(cfg, resolve=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_resolved(path: str) -> DictConfig:
+    """Read a config.yaml written by `save` back into the typed schema (in workers)."""
+    data, _ = read_yaml(path)
+    data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}}
+    return _merge_layer(OmegaConf.structured(Recipe), data)
+
+
+def _merge_layer(cfg: DictConfig, layer: dict) -> DictConfig:
+    """Merge a raw mapping; a component it gives whole replaces the one below, never merges into it."""
+    for key in COMPONENT_KEYS:
+        node: Any = layer
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            OmegaConf.update(cfg, key, None, merge=False)
+    return OmegaConf.merge(cfg, layer)
+
+
+_ABSENT = object()
+
+
+# ----------------------------------------------------------------------------------------------- instantiation
+
+def instantiate(node: Any, *args: Any, key: str = "component", **kwargs: Any) -> Any:
+    """Build `{_target_: path, **kw}`: nested mappings with a _target_ are built first (depth-first)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ValueError(f"{key}: expected a mapping with _target_, got {node!r}")
+    spec = dict(node)
+    target = spec.pop("_target_")
+    built = {k: _build_nested(v, f"{key}.{k}") for k, v in spec.items()}
+    fn = imports.locate(target)
+    try:
+        return fn(*args, **{**built, **kwargs})
+    except TypeError as e:
+        raise TypeError(f"{key}: calling {target}(...) failed: {e}. Check the keyword arguments under '{key}'.") \
+            from e
+
+
+def _build_nested(value: Any, key: str) -> Any:
+    if isinstance(value, dict) and "_target_" in value:
+        return instantiate(value, key=key)
+    if isinstance(value, dict):
+        return {k: _build_nested(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build_nested(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value

@@ -1,0 +1,158 @@
+"""The built-in training loop: DDP model, optimizer, scheduler and loss from the recipe, stepped to its limits.
+
+Per step it does what a hand-written DDP loop does and nothing more; values that need a device sync (the loss as
+a Python float, the cross-rank mean) are taken only every `trainer.log_every_steps`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import data as data_mod
+from . import dist
+from .monitor import Progress
+from .recipe import instantiate
+
+log = logging.getLogger("launcher")
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer: equal on all ranks iff initialisation is identical."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    """Owns the run's objects and the loop. Built on every rank from the same resolved recipe."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = device
+        self.info = dist.rank_info()
+
+        seed_all(cfg.seed)  # identical on every rank: same initial weights
+        model = instantiate(cfg.model, key="model")
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model %s: %d parameters (%d trainable), fingerprint %s", type(model).__name__, n_params, n_train,
+                 fingerprint(model))
+        seed_all(data_mod.derive_seed(cfg.seed, self.info.rank))  # per-rank streams from here on (dropout, noise)
+        model.to(device)
+        self.model = model
+        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = instantiate(cfg.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                     key="optimizer")
+        self.scheduler = (instantiate(cfg.lr_scheduler, self.optimizer, key="lr_scheduler")
+                          if cfg.lr_scheduler is not None else None)
+        self.loss_fn = instantiate(cfg.loss, key="loss")
+        if isinstance(self.loss_fn, torch.nn.Module):
+            self.loss_fn.to(device)
+
+        dataset = instantiate(cfg.data.train, key="data.train")
+        self.loader = data_mod.build_loader(cfg.data, dataset, seed=cfg.seed, info=self.info,
+                                            pin_memory=device.type == "cuda")
+        self.sampler: data_mod.DistributedSampler = self.loader.sampler  # type: ignore[assignment]
+        self.step = 0
+        self.epoch = 0
+        global_batch = int(cfg.data.batch_size) * self.info.world_size
+        self.progress = Progress(run_dir, self.info.is_main, cfg.trainer.max_steps, global_batch)
+        log.info("data: %d samples, %d per rank per epoch, batch %d per rank (%d global), %d loader workers",
+                 len(dataset), len(self.sampler), cfg.data.batch_size, global_batch, cfg.data.num_workers)
+
+    def _done(self) -> bool:
+        t = self.cfg.trainer
+        return ((t.max_steps is not None and self.step >= t.max_steps)
+                or (t.max_epochs is not None and self.epoch >= t.max_epochs))
+
+    def train_step(self, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise TypeError(f"a training batch must be (inputs, targets); the dataset gave {type(batch).__name__}"
+                            f"{' of ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
+        inputs, targets = to_device(batch, self.device)
+        loss = self.loss_fn(self.ddp(inputs), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.trainer.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss.detach()
+
+    def fit(self) -> None:
+        t0 = time.perf_counter()
+        every = int(self.cfg.trainer.log_every_steps)
+        running = torch.zeros((), device=self.device)
+        n_running = 0
+        self.progress.reset_clock(self.step)
+        while not self._done():
+            self.sampler.set_epoch(self.epoch)
+            self.loader.generator.manual_seed(  # type: ignore[union-attr]
+                data_mod.derive_seed(self.cfg.seed, self.info.rank, self.epoch))
+            batches = 0
+            for batch in self.loader:
+                running += self.train_step(batch)
+                n_running += 1
+                batches += 1
+                self.step += 1
+                if self.step % every == 0 or self._done() or batches == len(self.loader):
+                    self._record(running / n_running)
+                    running.zero_()
+                    n_running = 0
+                if self._done():
+                    break
+            if batches == 0:
+                raise RuntimeError(
+                    f"rank {self.info.rank} got no batches in epoch {self.epoch}: {len(self.loader.dataset)} samples "
+                    f"over {self.info.world_size} ranks at batch size {self.cfg.data.batch_size}"
+                    f"{' with drop_last' if self.cfg.data.drop_last else ''}")
+            if batches == len(self.loader):  # the epoch ran to its end
+                self.epoch += 1
+        elapsed = time.perf_counter() - t0
+        log.info("training done: %d steps, %d epochs in %.1f s", self.step, self.epoch, elapsed)
+        self.progress.close()
+
+    def _record(self, mean_loss: torch.Tensor) -> None:
+        loss = float(dist.all_reduce_mean(mean_loss))
+        lr = self.optimizer.param_groups[0].get("lr")
+        self.progress.record(self.step, self.epoch, loss, float(lr) if lr is not None else None)
+
+
+def train(cfg: DictConfig, run_dir: str) -> None:
+    """Everything a rank does for a recipe with the built-in trainer, after logging is set up."""
+    device = dist.choose_device(cfg.trainer.device)
+    info = dist.init(device)
+    log.info("rank %d of %d (local rank %d of %d, node %d) on %s, device %s, backend %s", info.rank,
+             info.world_size, info.local_rank, info.local_world_size, info.node_rank, info.host, device,
+             torch.distributed.get_backend())
+    Trainer(cfg, run_dir, device).fit()

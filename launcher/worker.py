@@ -1,0 +1,73 @@
+"""What every rank runs: `python -m launcher.worker RUN_DIR` (started by the local backend's torchrun agent).
+
+It reads RUN_DIR/config.yaml, sends its output to RUN_DIR/logs/rank<r>.log, then runs either the built-in trainer
+or the user's own script (with the torchrun environment already set), and always tears the process group down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import runpy
+import signal
+import sys
+import traceback
+from types import FrameType
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from . import dist, monitor, recipe
+
+log = logging.getLogger("launcher")
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # The agent stops the surviving ranks with SIGTERM when one fails: unwind so `finally` blocks run.
+    raise SystemExit(128 + signum)
+
+
+def run_script(cfg: recipe.DictConfig) -> None:
+    """Run a plain training script (or module) as `__main__`, as `python script.py ARGS` would."""
+    args = [str(a) for a in cfg.script.args]
+    if cfg.script.path:
+        path = os.path.abspath(cfg.script.path)
+        sys.argv = [path, *args]
+        sys.path.insert(0, os.path.dirname(path))
+        runpy.run_path(path, run_name="__main__")
+    else:
+        sys.argv = [cfg.script.module, *args]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(cfg.script.module, run_name="__main__", alter_sys=True)
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m launcher.worker RUN_DIR")
+    run_dir = argv[0]
+    cfg = recipe.load_resolved(os.path.join(run_dir, "config.yaml"))
+    info = dist.rank_info()
+    monitor.setup_rank_logging(run_dir, info.rank)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d", info.rank,
+             info.local_rank, info.world_size, info.node_rank, info.host, os.getpid(), info.restart_count)
+    try:
+        if cfg.script.path or cfg.script.module:
+            run_script(cfg)
+        else:
+            from .trainer import train
+            train(cfg, run_dir)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            log.error("exiting with code %s", e.code)
+        raise
+    except BaseException:
+        sys.stderr.write(traceback.format_exc())
+        raise
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    main()
