@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     own, script_args = _split_script_args(argv)
-    args = _parser().parse_args(own)
+    args = _parser().parse_intermixed_args(own)
     from . import recipe
 
     if args.explain:

@@ -7,17 +7,17 @@ import os
 import re
 
 
-def physical_gpu_count() -> int:
-    """NVIDIA GPUs the driver exposes (0 without a driver)."""
-    found = glob.glob("/proc/driver/nvidia/gpus/*")
+def physical_gpu_count(root: str = "/") -> int:
+    """NVIDIA GPUs the driver exposes (0 without a driver). `root` lets tests point at a prepared tree."""
+    found = glob.glob(os.path.join(root, "proc/driver/nvidia/gpus/*"))
     if found:
         return len(found)
-    return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
+    return len([p for p in glob.glob(os.path.join(root, "dev/nvidia*")) if re.fullmatch(r"nvidia\d+", os.path.basename(p))])
 
 
-def visible_gpu_count() -> int:
+def visible_gpu_count(root: str = "/") -> int:
     """GPUs this process may use: the physical ones, narrowed by CUDA_VISIBLE_DEVICES when it is set."""
-    physical = physical_gpu_count()
+    physical = physical_gpu_count(root)
     if physical == 0:
         return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

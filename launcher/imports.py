@@ -100,7 +100,7 @@ def _defines(modname: str, attr: str, depth: int = 0) -> bool | None:
         return None
     try:
         names, stars, dynamic = _module_names(origin)
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, ValueError):
         return None
     if attr in names:
         return True
@@ -119,16 +119,19 @@ def check(path: Any) -> str | None:
     if not isinstance(path, str) or not path or path.startswith(".") or path.endswith("."):
         return f"{path!r} is not an import path like 'package.module.Name'"
     parts = path.split(".")
+    if _find_spec(path) is not None:
+        return f"'{path}' names a module, not a class or function inside it"
     # The longest prefix that is a module; the next part must be a name in it.
     for i in range(len(parts) - 1, 0, -1):
         modname = ".".join(parts[:i])
         if _find_spec(modname) is not None:
-            found = _defines(modname, parts[i])
+            try:
+                found = _defines(modname, parts[i])
+            except SyntaxError as e:
+                return f"module '{e.filename}' has a syntax error at line {e.lineno}: {e.msg} (from '{path}')"
             if found is False:
                 return f"module '{modname}' has no name '{parts[i]}' (from '{path}')"
             return None
-    if _find_spec(parts[0]) is not None:
-        return f"'{path}' names a module, not a class or function inside it"
     return f"no module named '{parts[0]}' (from '{path}'); is the package installed, or its directory on PYTHONPATH?"
 
 

@@ -259,10 +259,12 @@ def _type_problem(tp: Any, value: Any) -> str | None:
     return None
 
 
-def _check_tree(cls: type, data: dict, prefix: str, where: Any, problems: list[str]) -> None:
-    """Check a raw mapping against a schema section; `where(path)` says where a key came from."""
+def _check_tree(cls: type, data: dict, prefix: str, where: Any, problems: list[str]) -> dict:
+    """Check a raw mapping against a schema section; `where(path)` says where a key came from.
+    Returns the mapping without the entries that have problems, so later checks can still run."""
     hints = _hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    clean: dict = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in hints:
@@ -275,10 +277,19 @@ def _check_tree(cls: type, data: dict, prefix: str, where: Any, problems: list[s
             continue
         inner = _strip_optional(tp)
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
-            _check_tree(inner, value, path + ".", where, problems)
+            value = _check_tree(inner, value, path + ".", where, problems)
+        clean[key] = value
+    return clean
 
 
-def _check_override(key: str, value: Any, problems: list[str], text: str) -> None:
+def _check_override(key: str, value: Any, problems: list[str], text: str) -> bool:
+    """Check one override against the schema; False (and a problem recorded) when it does not fit."""
+    before = len(problems)
+    _check_override_path(key, value, problems, text)
+    return len(problems) == before
+
+
+def _check_override_path(key: str, value: Any, problems: list[str], text: str) -> None:
     cls: Any = Recipe
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -332,7 +343,7 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
     source = path or "command line"
     if path is not None:
         data, lines = read_yaml(path)
-        _check_tree(Recipe, data, "", lambda p: f"{path}:{lines.get(p, '?')}", problems)
+        data = _check_tree(Recipe, data, "", lambda p: f"{path}:{lines.get(p, '?')}", problems)
 
     parsed: list[tuple[str, Any, str]] = []
     for text in overrides:
@@ -341,10 +352,8 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
         except ValueError as e:
             problems.append(str(e))
             continue
-        _check_override(key, value, problems, text)
-        parsed.append((key, value, text))
-    if problems:
-        raise RecipeError(problems)
+        if _check_override(key, value, problems, text):
+            parsed.append((key, value, text))
 
     cfg = OmegaConf.structured(Recipe)
     for layer in (defaults or {}, data):
@@ -354,18 +363,25 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
             problems.append(f"{source}: {_omegaconf_message(e)}")
     for key, value, text in parsed:
         try:
+            for comp in COMPONENT_KEYS:  # `lr_scheduler.step_size=5` with no scheduler yet starts one
+                if key.startswith(comp + ".") and OmegaConf.select(cfg, comp) is None:
+                    OmegaConf.update(cfg, comp, {}, merge=False)
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
             problems.append(f"override '{text}': {_omegaconf_message(e)}")
-    if problems:
-        raise RecipeError(problems)
 
     if not cfg.run.name:
         cfg.run.name = Path(path).stem if path else "run"
+    if cfg.script.path and path and not Path(cfg.script.path).is_absolute() and not Path(cfg.script.path).exists():
+        beside = Path(path).parent / cfg.script.path  # a script named relative to its recipe
+        if beside.exists():
+            cfg.script.path = str(beside)
+    if cfg.script.path:
+        cfg.script.path = os.path.abspath(cfg.script.path)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise RecipeError([f"{source}: {_omegaconf_message(e)}"]) from None
+        raise RecipeError(problems + [f"{source}: {_omegaconf_message(e)}"]) from None
 
     problems.extend(_semantic_problems(cfg, source, lines))
     if problems:

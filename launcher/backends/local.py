@@ -23,11 +23,13 @@ from .plan import Plan
 log = logging.getLogger("launcher")
 
 
-def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, run_id: str | None = None) -> Plan:
-    """Decide devices and process counts for this node; raise UsageError when the machine cannot do it."""
+def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, run_id: str | None = None,
+         gpus: int | None = None) -> Plan:
+    """Decide devices and process counts for this node; raise UsageError when the machine cannot do it.
+    `gpus` is the number of visible GPUs (found on this machine when not given)."""
     launch = cfg.launch
     wanted = cfg.trainer.device
-    gpus = hardware.visible_gpu_count()
+    gpus = hardware.visible_gpu_count() if gpus is None else gpus
     notes: list[str] = []
     if wanted == "cuda" and gpus == 0:
         raise UsageError("trainer.device is 'cuda' but this machine has no visible GPU "

@@ -1,0 +1,76 @@
+"""Components the tests name in recipes (`_target_: components.X`); tests put this folder on PYTHONPATH."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class IndexDataset(Dataset):
+    """Item i is (tensor([i]), 0): lets a probe model see which samples a rank trained on."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), 0
+
+
+class IndexProbe(nn.Module):
+    """Records the sample indices of every batch it sees to OUT/indices-rank<r>.txt, one line per batch."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.lin = nn.Linear(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with open(os.path.join(self.out, f"indices-rank{os.environ.get('RANK', '0')}.txt"), "a") as f:
+            f.write(",".join(str(int(v)) for v in x[:, 0].tolist()) + "\n")
+        return self.lin(x / 100.0)
+
+
+class SeedProbeDataset(Dataset):
+    """Writes (rank, worker, torch seed, numpy draw, python draw) for each item it serves to OUT/seeds.txt."""
+
+    def __init__(self, out: str, n: int = 32) -> None:
+        self.out = out
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        info = torch.utils.data.get_worker_info()
+        row = (os.environ.get("RANK"), info.id if info else -1, torch.initial_seed(), int(np.random.randint(2**31)),
+               random.randrange(2**31))
+        with open(os.path.join(self.out, "seeds.txt"), "a") as f:
+            f.write(" ".join(map(str, row)) + "\n")
+        return torch.zeros(4), 0
+
+
+class FailingMLP(nn.Module):
+    """An MLP that fails on rank `rank` at forward call `step`: raises, or kills its own process."""
+
+    def __init__(self, step: int = 3, rank: int = 1, mode: str = "raise") -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 4)
+        self.calls = 0
+        self.step, self.rank, self.mode = step, rank, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            if self.mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure at step {self.step}")
+        return self.lin(x)

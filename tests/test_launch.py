@@ -1,0 +1,182 @@
+"""The real `launch` command end to end: 2 CPU processes in a gloo process group."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TESTS, launch_env, run_launch
+
+RECIPE = """\
+seed: 3
+model:
+  _target_: launcher.zoo.models.MLP
+  in_features: 32
+  hidden: 16
+  out_features: 4
+data:
+  train:
+    _target_: launcher.zoo.datasets.SyntheticClassification
+    num_samples: 256
+  batch_size: 16
+  num_workers: 1
+trainer:
+  max_steps: 12
+  log_every_steps: 4
+"""
+
+
+def write(tmp_path: Path, text: str = RECIPE, name: str = "exp.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def rank_log(run_dir: Path, rank: int) -> str:
+    return (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+def test_trains_with_two_processes_and_writes_run_dir(tmp_path):
+    r = run_launch(write(tmp_path), "--nodes", "1", "--gpus", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "no CUDA device: running 2 processes per node on the CPU with gloo" in r.stderr
+    run_dir = tmp_path / "runs" / "exp"
+    for rank in (0, 1):
+        text = rank_log(run_dir, rank)
+        assert f"worker start: rank {rank} local_rank {rank} world_size 2" in text
+        assert "backend gloo" in text and "process group destroyed" in text
+    # rank 0 prints progress (step, epoch, loss, samples/s) on the console; other ranks only warnings
+    assert re.search(r"step 12/12 \| epoch \d+ \| loss \d+\.\d+ \| lr [\d.e-]+ \| \d+ samples/s", r.stdout)
+    assert "[rank 1]" not in r.stdout
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["seed"] == 3 and config["trainer"]["max_steps"] == 12 and config["run"]["dir"] == str(run_dir)
+    assert config["launcher_version"]
+    launch = json.loads((run_dir / "launch.json").read_text())
+    assert launch["world_size"] == 2 and launch["dist_backend"] == "gloo"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12]
+
+
+def test_python_m_launcher_torchrun_aliases_and_overrides(tmp_path):
+    r = run_launch(write(tmp_path), "--nnodes", "1", "--nproc-per-node", "2", "--run-dir", str(tmp_path / "out"),
+                   "trainer.max_steps=5", "trainer.log_every_steps=5", cwd=tmp_path, module=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [5]
+    assert "world_size 2" in rank_log(tmp_path / "out", 1)
+
+
+def _epochs(path: Path, per_epoch_batches: int) -> list[list[int]]:
+    batches = [[int(v) for v in line.split(",")] for line in path.read_text().splitlines()]
+    return [sum(batches[i:i + per_epoch_batches], []) for i in range(0, len(batches), per_epoch_batches)]
+
+
+def test_sampler_covers_every_sample_once_per_epoch_and_reshuffles(tmp_path):
+    recipe = f"""\
+seed: 0
+model: {{_target_: components.IndexProbe, out: "{tmp_path}"}}
+data:
+  train: {{_target_: components.IndexDataset, n: 64}}
+  batch_size: 8
+  num_workers: 2
+trainer: {{max_epochs: 3, log_every_steps: 100}}
+"""
+    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    per_rank = [_epochs(tmp_path / f"indices-rank{k}.txt", per_epoch_batches=4) for k in (0, 1)]
+    assert all(len(epochs) == 3 for epochs in per_rank)
+    orders = []
+    for epoch in range(3):
+        a, b = per_rank[0][epoch], per_rank[1][epoch]
+        assert len(a) == len(b) == 32
+        assert sorted(a + b) == list(range(64)), f"epoch {epoch}: a sample was repeated or missed"
+        orders.append(a + b)
+    assert orders[0] != orders[1] != orders[2], "the order did not change between epochs (set_epoch not called?)"
+
+
+def test_identical_init_on_all_ranks_and_distinct_worker_seeds(tmp_path):
+    recipe = f"""\
+seed: 5
+model: {{_target_: launcher.zoo.models.MLP, in_features: 4, hidden: 8, out_features: 2}}
+data:
+  train: {{_target_: components.SeedProbeDataset, out: "{tmp_path}", n: 32}}
+  batch_size: 4
+  num_workers: 2
+trainer: {{max_epochs: 1}}
+"""
+    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "runs" / "exp"
+    prints = [re.search(r"fingerprint (\w+)", rank_log(run_dir, k)).group(1) for k in (0, 1)]
+    assert prints[0] == prints[1], "model initialisation differs between ranks"
+    rows = [line.split() for line in (tmp_path / "seeds.txt").read_text().splitlines()]
+    by_worker: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+    for rank, worker, torch_seed, np_draw, py_draw in rows:
+        by_worker.setdefault((rank, worker), set()).add(torch_seed)
+    assert set(by_worker) == {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+    seeds = [s for v in by_worker.values() for s in v]
+    assert len(seeds) == 4 and len(set(seeds)) == 4, f"loader worker seeds collide: {by_worker}"
+    first_draws = {}
+    for rank, worker, _, np_draw, py_draw in rows:
+        first_draws.setdefault((rank, worker), (np_draw, py_draw))
+    np_first = [d[0] for d in first_draws.values()]
+    py_first = [d[1] for d in first_draws.values()]
+    assert len(set(np_first)) == 4, "numpy streams repeat across ranks or workers"
+    assert len(set(py_first)) == 4, "python random streams repeat across ranks or workers"
+
+
+@pytest.mark.parametrize("mode, expected", [("raise", r"exit code 1"), ("kill", r"killed by signal SIGKILL")])
+def test_failing_rank_is_reported_and_group_torn_down(tmp_path, mode, expected):
+    recipe = RECIPE.replace("_target_: launcher.zoo.models.MLP",
+                            f"_target_: components.FailingMLP\n  step: 3\n  rank: 1\n  mode: {mode}") \
+                   .replace("  in_features: 32\n  hidden: 16\n  out_features: 4\n", "")
+    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    run_dir = tmp_path / "runs" / "exp"
+    assert re.search(rf"rank 1 \(local rank 1, pid \d+\) on host \S+: {expected}", r.stderr), r.stderr
+    assert f"log: {run_dir / 'logs' / 'rank1.log'}" in r.stderr
+    if mode == "raise":
+        assert "error: RuntimeError: injected failure at step 3" in r.stderr
+        assert "Traceback" in rank_log(run_dir, 1)
+        assert "process group destroyed" in rank_log(run_dir, 1)
+    assert "process group destroyed" in rank_log(run_dir, 0), "the surviving rank did not tear its group down"
+
+
+def test_plain_torchrun_script_runs_unchanged(tmp_path):
+    script = TESTS / "scripts" / "plain_ddp.py"
+    r = run_launch(str(script), "--gpus", "2", "--", "--steps", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "runs" / "plain_ddp"
+    for rank in (0, 1):
+        text = rank_log(run_dir, rank)
+        assert f"plain script rank {rank} of 2 local_rank {rank} steps 3" in text
+        assert f"plain script rank {rank} finished 3 steps" in text
+
+
+def test_script_through_public_api_and_its_failure(tmp_path):
+    script = str(TESTS / "scripts" / "api_script.py")
+    r = run_launch(script, "--gpus", "2", "--", "x", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "runs" / "api_script"
+    assert "api script rank 0/2 local 0 device cpu samples [0, 2, 4, 6, 8, 10, 12, 14, 16, 18] argv ['x']" \
+        in rank_log(run_dir, 0)
+    assert "api script rank 1/2 local 1 device cpu samples [1, 3, 5" in rank_log(run_dir, 1)
+    r = run_launch(script, "--gpus", "2", "--", "--fail", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "rank 1" in r.stderr and "ValueError: api script failure on purpose" in r.stderr
+    assert "process group destroyed" in rank_log(run_dir, 1)
+
+
+def test_script_recipe_with_module(tmp_path):
+    recipe = "script:\n  module: scripts.plain_ddp\n  args: ['--steps', '2']\nlaunch:\n  gpus_per_node: 2\n"
+    r = run_launch(write(tmp_path, recipe, "mod.yaml"), cwd=TESTS)
+    assert r.returncode == 0, r.stderr
+    assert "plain script rank 1 finished 2 steps" in rank_log(TESTS / "runs" / "mod", 1)
+    import shutil
+    shutil.rmtree(TESTS / "runs")
