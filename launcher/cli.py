@@ -26,6 +26,7 @@ examples:
   launch recipes/digits.yaml --gpus 2 trainer.max_epochs=3 data.batch_size=64
   launch recipes/quickstart.yaml --dry-run
   launch my_train.py --gpus 2 -- --lr 0.1       (a plain torchrun-style script)
+  launch recipe.yaml --nodes 2 --gpus 8 --rdzv-endpoint node1:29500   (on each of the 2 nodes)
   launch --explain                              (all recipe keys)
 
 exit codes: 0 done, 1 a rank failed, 2 bad input (nothing started), 128+N stopped by signal N
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", "--nproc-per-node", "--nproc_per_node", dest="gpus", type=int,
                    help="processes per node: one per GPU, or CPU processes without GPUs (launch.gpus_per_node)")
     p.add_argument("--run-dir", help="run directory (default: run.dir, else runs/<run.name>)")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", metavar="HOST:PORT",
+                   help="rendezvous of a multi-node run: the same HOST:PORT on every node")
+    p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int,
+                   help="fix this node's rank (static rendezvous); default: assigned by the rendezvous")
     p.add_argument("--max-restarts", type=int, help="restarts of a failed worker group (launch.max_restarts)")
     p.add_argument("-m", "--module", help="run this module as the training script (python -m MODULE)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and process plan; start nothing")
@@ -113,7 +118,7 @@ def _main(argv: list[str]) -> int:
     cfg.run.dir = run_dir
 
     from .backends import local
-    plan = local.plan(cfg, run_dir)
+    plan = local.plan(cfg, run_dir, rdzv_endpoint=args.rdzv_endpoint, node_rank=args.node_rank)
 
     if args.dry_run:
         import yaml

@@ -80,6 +80,12 @@ class Progress:
         self._t = time.perf_counter()
         self._last_step = 0
 
+    def event(self, name: str, **extra: Any) -> None:
+        """A milestone (first step, end of training) with its wall-clock time, in <run dir>/events.jsonl."""
+        if self.enabled:
+            with open(os.path.join(os.path.dirname(self.path), "events.jsonl"), "a") as f:
+                f.write(json.dumps({"event": name, "time": time.time(), **extra}) + "\n")
+
     def reset_clock(self, step: int) -> None:
         self._t = time.perf_counter()
         self._last_step = step

@@ -84,15 +84,22 @@ class Trainer:
         self.sampler: data_mod.DistributedSampler = self.loader.sampler  # type: ignore[assignment]
         self.step = 0
         self.epoch = 0
+        # Plain Python values for the hot loop (a DictConfig attribute read costs ~20 us).
+        t = cfg.trainer
+        self.max_steps: int | None = t.max_steps
+        self.max_epochs: int | None = t.max_epochs
+        self.clip: float | None = t.grad_clip_norm
+        self.log_every = int(t.log_every_steps)
         global_batch = int(cfg.data.batch_size) * self.info.world_size
-        self.progress = Progress(run_dir, self.info.is_main, cfg.trainer.max_steps, global_batch)
+        limits = [self.max_steps, self.max_epochs and self.max_epochs * len(self.loader)]
+        total = min(x for x in limits if x) if any(limits) else None
+        self.progress = Progress(run_dir, self.info.is_main, total, global_batch)
         log.info("data: %d samples, %d per rank per epoch, batch %d per rank (%d global), %d loader workers",
                  len(dataset), len(self.sampler), cfg.data.batch_size, global_batch, cfg.data.num_workers)
 
     def _done(self) -> bool:
-        t = self.cfg.trainer
-        return ((t.max_steps is not None and self.step >= t.max_steps)
-                or (t.max_epochs is not None and self.epoch >= t.max_epochs))
+        return ((self.max_steps is not None and self.step >= self.max_steps)
+                or (self.max_epochs is not None and self.epoch >= self.max_epochs))
 
     def train_step(self, batch: Any) -> torch.Tensor:
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
@@ -102,8 +109,8 @@ class Trainer:
         loss = self.loss_fn(self.ddp(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.trainer.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip_norm)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -111,21 +118,26 @@ class Trainer:
 
     def fit(self) -> None:
         t0 = time.perf_counter()
-        every = int(self.cfg.trainer.log_every_steps)
+        every = self.log_every
+        seed = int(self.cfg.seed)
         running = torch.zeros((), device=self.device)
         n_running = 0
         self.progress.reset_clock(self.step)
+        start_step = self.step
         while not self._done():
             self.sampler.set_epoch(self.epoch)
             self.loader.generator.manual_seed(  # type: ignore[union-attr]
-                data_mod.derive_seed(self.cfg.seed, self.info.rank, self.epoch))
+                data_mod.derive_seed(seed, self.info.rank, self.epoch))
             batches = 0
+            n_batches = len(self.loader)
             for batch in self.loader:
                 running += self.train_step(batch)
+                if self.step == start_step:
+                    self.progress.event("first_step", step=self.step + 1)
                 n_running += 1
                 batches += 1
                 self.step += 1
-                if self.step % every == 0 or self._done() or batches == len(self.loader):
+                if self.step % every == 0 or self._done() or batches == n_batches:
                     self._record(running / n_running)
                     running.zero_()
                     n_running = 0
@@ -136,10 +148,11 @@ class Trainer:
                     f"rank {self.info.rank} got no batches in epoch {self.epoch}: {len(self.loader.dataset)} samples "
                     f"over {self.info.world_size} ranks at batch size {self.cfg.data.batch_size}"
                     f"{' with drop_last' if self.cfg.data.drop_last else ''}")
-            if batches == len(self.loader):  # the epoch ran to its end
+            if batches == n_batches:  # the epoch ran to its end
                 self.epoch += 1
         elapsed = time.perf_counter() - t0
         log.info("training done: %d steps, %d epochs in %.1f s", self.step, self.epoch, elapsed)
+        self.progress.event("train_end", step=self.step, epoch=self.epoch)
         self.progress.close()
 
     def _record(self, mean_loss: torch.Tensor) -> None:
@@ -156,3 +169,4 @@ def train(cfg: DictConfig, run_dir: str) -> None:
              info.world_size, info.local_rank, info.local_world_size, info.node_rank, info.host, device,
              torch.distributed.get_backend())
     Trainer(cfg, run_dir, device).fit()
+    dist.barrier()  # every rank done before any tears down: no rank exits while a peer still talks to it

@@ -180,3 +180,38 @@ def test_script_recipe_with_module(tmp_path):
     assert "plain script rank 1 finished 2 steps" in rank_log(TESTS / "runs" / "mod", 1)
     import shutil
     shutil.rmtree(TESTS / "runs")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["c10d", "static-node-rank"])
+def test_two_launches_form_one_job_over_a_rendezvous(tmp_path, static):
+    path = write(tmp_path)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for node in (0, 1):
+        extra = ["--node-rank", str(node)] if static else []
+        cmd = [str(Path(sys.executable).parent / "launch"), path, "--nodes", "2", "--gpus", "1",
+               "--rdzv-endpoint", endpoint, "--run-dir", str(tmp_path / "run"), *extra]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    logs = [rank_log(tmp_path / "run", k) for k in (0, 1)]
+    for rank, text in enumerate(logs):
+        assert f"worker start: rank {rank} local_rank 0 world_size 2" in text
+    assert "step 12/12" in "".join(o[0] for o in outs)
+
+
+def test_multi_node_without_endpoint_is_refused(tmp_path):
+    r = run_launch(write(tmp_path), "--nodes", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "--rdzv-endpoint HOST:PORT" in r.stderr
+    r = run_launch(write(tmp_path), "--nodes", "2", "--rdzv-endpoint", "nohostport", cwd=tmp_path)
+    assert r.returncode == 2 and "is not HOST:PORT" in r.stderr
+    r = run_launch(write(tmp_path), "--nodes", "2", "--rdzv-endpoint", "a:1", "--node-rank", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "--node-rank 2 is outside 0..1" in r.stderr

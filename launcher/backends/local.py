@@ -23,11 +23,22 @@ from .plan import Plan
 log = logging.getLogger("launcher")
 
 
-def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, run_id: str | None = None,
-         gpus: int | None = None) -> Plan:
+def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank: int | None = None,
+         run_id: str | None = None, gpus: int | None = None) -> Plan:
     """Decide devices and process counts for this node; raise UsageError when the machine cannot do it.
-    `gpus` is the number of visible GPUs (found on this machine when not given)."""
+
+    One node: a private c10d rendezvous on a free local port. Several nodes: every node runs `launch` with the same
+    `rdzv_endpoint` (HOST:PORT of one of them); node ranks come from the c10d rendezvous, or are fixed by
+    `node_rank` (a static rendezvous, as torchrun's --node-rank). `gpus` is the number of visible GPUs (found on
+    this machine when not given)."""
     launch = cfg.launch
+    if launch.nodes > 1 and not rdzv_endpoint:
+        raise UsageError(f"--nodes {launch.nodes} needs a rendezvous every node can reach: run the same command on "
+                         f"each node with --rdzv-endpoint HOST:PORT (HOST is one of the nodes)")
+    if rdzv_endpoint and not _valid_endpoint(rdzv_endpoint):
+        raise UsageError(f"--rdzv-endpoint {rdzv_endpoint!r} is not HOST:PORT (for example node1:29500)")
+    if node_rank is not None and not 0 <= node_rank < launch.nodes:
+        raise UsageError(f"--node-rank {node_rank} is outside 0..{launch.nodes - 1} for --nodes {launch.nodes}")
     wanted = cfg.trainer.device
     gpus = hardware.visible_gpu_count() if gpus is None else gpus
     notes: list[str] = []
@@ -60,9 +71,10 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, run_id: st
         procs_per_node=int(procs),
         device="cuda" if use_cuda else "cpu",
         dist_backend="nccl" if use_cuda else "gloo",
-        rdzv_backend="c10d",
+        rdzv_backend="static" if node_rank is not None else "c10d",
+        node_rank=node_rank,
         rdzv_endpoint="localhost:0 (a free port, this node only)" if single else str(rdzv_endpoint),
-        run_id=run_id or uuid.uuid4().hex[:12],
+        run_id=run_id or (_stable_run_id(run_dir, rdzv_endpoint) if rdzv_endpoint else uuid.uuid4().hex[:12]),
         run_dir=run_dir,
         max_restarts=int(launch.max_restarts),
         rdzv_timeout_s=900,
@@ -81,9 +93,12 @@ def run(p: Plan) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.update(p.env)
     endpoint = "localhost:0" if p.rdzv_endpoint.startswith("localhost:0") else p.rdzv_endpoint
+    rdzv_configs: dict[str, Any] = {"timeout": p.rdzv_timeout_s}
+    if p.node_rank is not None:
+        rdzv_configs["rank"] = p.node_rank
     config = LaunchConfig(
         min_nodes=p.nodes, max_nodes=p.nodes, nproc_per_node=p.procs_per_node, run_id=p.run_id,
-        rdzv_backend=p.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs={"timeout": p.rdzv_timeout_s},
+        rdzv_backend=p.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
         max_restarts=p.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
     try:
@@ -95,6 +110,17 @@ def run(p: Plan) -> int:
         sys.stderr.write(f"launch: stopped by {signal.Signals(e.sigval).name}; workers were shut down\n")
         return 128 + int(e.sigval)
     return 0
+
+
+def _valid_endpoint(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _stable_run_id(run_dir: str, endpoint: str) -> str:
+    """The same on every node that runs the same command: nodes of one job must agree on the rendezvous id."""
+    import hashlib
+    return hashlib.sha1(f"{os.path.basename(run_dir)}@{endpoint}".encode()).hexdigest()[:12]
 
 
 def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12) -> str:

@@ -23,6 +23,7 @@ class Plan:
     run_dir: str
     max_restarts: int
     rdzv_timeout_s: int
+    node_rank: int | None = None  # fixed node rank (static rendezvous); None: assigned by the c10d rendezvous
     entrypoint: list[str] = field(default_factory=lambda: [sys.executable])
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
