@@ -28,6 +28,8 @@ examples:
   launch my_train.py --gpus 2 -- --lr 0.1       (a plain torchrun-style script)
   launch recipe.yaml --nodes 2 --gpus 8 --rdzv-endpoint node1:29500   (on each of the 2 nodes)
   launch --explain                              (all recipe keys)
+  launch ckpt ls runs/quickstart/checkpoints    (checkpoints: step, epoch, size, committed, latest)
+  launch ckpt export runs/quickstart/checkpoints/step-000000096 model.pt
 
 exit codes: 0 done, 1 a rank failed, 2 bad input (nothing started), 128+N stopped by signal N
 """
@@ -75,7 +77,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _ckpt(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch ckpt", description="Inspect and export checkpoints.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    p_ls = sub.add_parser("ls", help="list checkpoints: step, epoch, size, world size, committed, latest")
+    p_ls.add_argument("dir", help="checkpoint directory: a local path or s3://bucket/prefix")
+    p_ex = sub.add_parser("export", help="write a committed checkpoint's model as one torch.load-able file")
+    p_ex.add_argument("ckpt", help="a checkpoint folder (.../step-<N>)")
+    p_ex.add_argument("out", help="output file, e.g. model.pt")
+    for sp in (p_ls, p_ex):
+        sp.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    a = p.parse_args(argv)
+    from .checkpoint import tools
+    if a.cmd == "ls":
+        return tools.ls(a.dir, a.endpoint_url)
+    return tools.export(a.ckpt, a.out, a.endpoint_url)
+
+
 def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "ckpt":
+        return _ckpt(argv[1:])
     own, script_args = _split_script_args(argv)
     args = _parser().parse_intermixed_args(own)
     from . import recipe

@@ -79,6 +79,22 @@ class TrainerSection:
 
 
 @dataclass
+class CheckpointSection:
+    dir: Optional[str] = doc("Where checkpoints go: a local path or s3://bucket/prefix. Default <run dir>/checkpoints.",
+                             None)
+    every_steps: Optional[int] = doc("Save every N optimizer steps.", None)
+    every_minutes: Optional[float] = doc("Save when this many minutes passed since the last save (checked at log "
+                                         "steps).", 30.0)
+    at_end: bool = doc("Save when training ends.", True)
+    keep: int = doc("How many of the newest committed checkpoints to keep (0 keeps all).", 3)
+    async_: bool = field(default=False, metadata={
+        "doc": "Save in the background: training goes on while shards are written; commit after they are durable.",
+        "key": "async"})
+    endpoint_url: Optional[str] = doc("S3-compatible endpoint (MinIO, Ceph, moto); default AWS or AWS_ENDPOINT_URL.",
+                                      None)
+
+
+@dataclass
 class Recipe:
     seed: int = doc("Seed for model initialisation (same on all ranks), data order and per-rank streams.", 0)
     run: RunSection = doc("Where the run lives.", factory=RunSection)
@@ -92,6 +108,10 @@ class Recipe:
     loss: Component = doc("Loss, called as loss(model_output, target).",
                           factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})
     trainer: TrainerSection = doc("Training limits, logging and clipping.", factory=TrainerSection)
+    checkpoint: CheckpointSection = doc("Sharded checkpoints: where, how often, how many.",
+                                        factory=CheckpointSection)
+    resume: str = doc("auto (newest committed checkpoint), never, or the path of a checkpoint (step-<N> folder).",
+                      "auto")
 
 
 COMPONENT_KEYS = ("model", "data.train", "optimizer", "lr_scheduler", "loss")
@@ -172,11 +192,56 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _aliases(cls: type) -> dict[str, str]:
+    """Recipe key -> field name, for keys Python cannot name (`checkpoint.async` is the field `async_`)."""
+    return {f.metadata["key"]: f.name for f in dataclasses.fields(cls) if "key" in f.metadata}
+
+
+def _keys_in(cls: type, data: Any) -> Any:
+    """Rename recipe keys to schema field names, recursively."""
+    if not isinstance(data, dict):
+        return data
+    hints, alias = _hints(cls), _aliases(cls)
+    out = {}
+    for k, v in data.items():
+        name = alias.get(k, k)
+        inner = _strip_optional(hints[name]) if name in hints else None
+        out[name] = _keys_in(inner, v) if inner is not None and dataclasses.is_dataclass(inner) else v
+    return out
+
+
+def _keys_out(cls: type, data: Any) -> Any:
+    """Field names back to recipe keys, for what users see (config.yaml, --dry-run)."""
+    if not isinstance(data, dict):
+        return data
+    hints = _hints(cls)
+    back = {v: k for k, v in _aliases(cls).items()}
+    out = {}
+    for k, v in data.items():
+        inner = _strip_optional(hints[k]) if k in hints else None
+        out[back.get(k, k)] = _keys_out(inner, v) if inner is not None and dataclasses.is_dataclass(inner) else v
+    return out
+
+
+def _path_in(key: str) -> str:
+    cls: Any = Recipe
+    parts = []
+    for part in key.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            parts.append(part)
+            continue
+        name = _aliases(cls).get(part, part)
+        parts.append(name)
+        hints = _hints(cls)
+        cls = _strip_optional(hints[name]) if name in hints else None
+    return ".".join(parts)
+
+
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key of the schema (sections and leaves)."""
     out = []
     for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
+        path = f"{prefix}{f.metadata.get('key', f.name)}"
         out.append(path)
         tp = _strip_optional(_hints(cls)[f.name])
         if dataclasses.is_dataclass(tp):
@@ -190,7 +255,7 @@ def explain(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         inner = _strip_optional(tp)
-        rows.append((f"{prefix}{f.name}", _type_name(tp), f.metadata.get("doc", "")))
+        rows.append((f"{prefix}{f.metadata.get('key', f.name)}", _type_name(tp), f.metadata.get("doc", "")))
         if dataclasses.is_dataclass(inner):
             rows.extend(explain(inner, f"{prefix}{f.name}."))
     return rows
@@ -263,10 +328,12 @@ def _check_tree(cls: type, data: dict, prefix: str, where: Any, problems: list[s
     """Check a raw mapping against a schema section; `where(path)` says where a key came from.
     Returns the mapping without the entries that have problems, so later checks can still run."""
     hints = _hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = [f.metadata.get("key", f.name) for f in dataclasses.fields(cls)]
+    alias = _aliases(cls)
     clean: dict = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        key = alias.get(key, key)
         if key not in hints:
             problems.append(f"{where(path)}: {_unknown_key(str(key), path, valid)}")
             continue
@@ -278,7 +345,7 @@ def _check_tree(cls: type, data: dict, prefix: str, where: Any, problems: list[s
         inner = _strip_optional(tp)
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
             value = _check_tree(inner, value, path + ".", where, problems)
-        clean[key] = value
+        clean[path.rsplit(".", 1)[-1]] = value  # recipe spelling; renamed to field names on merge
     return clean
 
 
@@ -295,8 +362,10 @@ def _check_override_path(key: str, value: Any, problems: list[str], text: str) -
     for i, part in enumerate(parts):
         hints = _hints(cls)
         path = ".".join(parts[: i + 1])
+        part = _aliases(cls).get(part, part)
         if part not in hints:
-            problems.append(f"override '{text}': {_unknown_key(part, path, list(hints))}")
+            valid = [f.metadata.get("key", f.name) for f in dataclasses.fields(cls)]
+            problems.append(f"override '{text}': {_unknown_key(part, path, valid)}")
             return
         tp = hints[part]
         if _is_component(tp) or _strip_optional(tp) is Any:
@@ -358,10 +427,11 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
     cfg = OmegaConf.structured(Recipe)
     for layer in (defaults or {}, data):
         try:
-            cfg = _merge_layer(cfg, layer)
+            cfg = _merge_layer(cfg, _keys_in(Recipe, layer))
         except OmegaConfBaseException as e:
             problems.append(f"{source}: {_omegaconf_message(e)}")
     for key, value, text in parsed:
+        key = _path_in(key)
         try:
             for comp in COMPONENT_KEYS:  # `lr_scheduler.step_size=5` with no scheduler yet starts one
                 if key.startswith(comp + ".") and OmegaConf.select(cfg, comp) is None:
@@ -455,6 +525,14 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
     if cfg.trainer.grad_clip_norm is not None and cfg.trainer.grad_clip_norm <= 0:
         out.append(f"{at('trainer.grad_clip_norm')}: trainer.grad_clip_norm must be > 0, got "
                    f"{cfg.trainer.grad_clip_norm}")
+    positive("checkpoint.every_steps")
+    positive("checkpoint.keep", allow_none=False, minimum=0)
+    if cfg.checkpoint.every_minutes is not None and cfg.checkpoint.every_minutes <= 0:
+        out.append(f"{at('checkpoint.every_minutes')}: checkpoint.every_minutes must be > 0 (or null to turn the "
+                   f"timer off), got {cfg.checkpoint.every_minutes}")
+    if cfg.resume not in ("auto", "never") and "/" not in cfg.resume and not cfg.resume.startswith("step-"):
+        out.append(f"{at('resume')}: resume must be auto, never, or the path of a checkpoint folder "
+                   f"(.../step-<N>), got '{cfg.resume}'")
     if cfg.trainer.device not in DEVICES:
         out.append(f"{at('trainer.device')}: trainer.device must be one of {', '.join(DEVICES)}, got "
                    f"'{cfg.trainer.device}'")
@@ -462,13 +540,13 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    return yaml.safe_dump(_keys_out(Recipe, OmegaConf.to_container(cfg, resolve=True)), sort_keys=False)
 
 
 def save(cfg: DictConfig, path: str, extra: dict | None = None) -> None:
     """Write the resolved recipe (plus `extra` top-level keys such as the launcher version), atomically."""
-    body = OmegaConf.to_container(cfg, resolve=True)
-    text = yaml.safe_dump({**(extra or {}), **body}, sort_keys=False) if extra else OmegaConf.to_yaml(cfg, resolve=True)
+    body = _keys_out(Recipe, OmegaConf.to_container(cfg, resolve=True))
+    text = yaml.safe_dump({**(extra or {}), **body}, sort_keys=False)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -479,7 +557,7 @@ def load_resolved(path: str) -> DictConfig:
     """Read a config.yaml written by `save` back into the typed schema (in workers)."""
     data, _ = read_yaml(path)
     data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}}
-    return _merge_layer(OmegaConf.structured(Recipe), data)
+    return _merge_layer(OmegaConf.structured(Recipe), _keys_in(Recipe, data))
 
 
 def _merge_layer(cfg: DictConfig, layer: dict) -> DictConfig:

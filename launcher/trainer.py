@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import data as data_mod
 from . import dist
 from .monitor import Progress
+from .checkpoint.checkpointer import Checkpointer, Position
 from .recipe import instantiate
 
 log = logging.getLogger("launcher")
@@ -91,6 +92,11 @@ class Trainer:
         self.clip: float | None = t.grad_clip_norm
         self.log_every = int(t.log_every_steps)
         global_batch = int(cfg.data.batch_size) * self.info.world_size
+        self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
+        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler)
+        pos = self.ckpt.resume(cfg.resume)
+        if pos is not None:
+            self.step, self.epoch, self.epoch_start = pos.step, pos.epoch, pos.sample_offset
         limits = [self.max_steps, self.max_epochs and self.max_epochs * len(self.loader)]
         total = min(x for x in limits if x) if any(limits) else None
         self.progress = Progress(run_dir, self.info.is_main, total, global_batch)
@@ -116,6 +122,13 @@ class Trainer:
             self.scheduler.step()
         return loss.detach()
 
+    def position(self, batches: int, n_batches: int) -> Position:
+        """Where training stands after `batches` of this epoch's `n_batches` (an ended epoch is the next one)."""
+        if batches >= n_batches:
+            return Position(self.step, self.epoch + 1, 0)
+        consumed = batches * int(self.cfg.data.batch_size) * self.info.world_size
+        return Position(self.step, self.epoch, self.epoch_start + consumed)
+
     def fit(self) -> None:
         t0 = time.perf_counter()
         every = self.log_every
@@ -124,8 +137,11 @@ class Trainer:
         n_running = 0
         self.progress.reset_clock(self.step)
         start_step = self.step
+        if self._done():
+            log.info("nothing to train: already at step %d, epoch %d", self.step, self.epoch)
+        batches, n_batches = 0, 1
         while not self._done():
-            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch, start=self.epoch_start)
             self.loader.generator.manual_seed(  # type: ignore[union-attr]
                 data_mod.derive_seed(seed, self.info.rank, self.epoch))
             batches = 0
@@ -137,28 +153,40 @@ class Trainer:
                 n_running += 1
                 batches += 1
                 self.step += 1
+                save_now = self.ckpt.due(self.step)
                 if self.step % every == 0 or self._done() or batches == n_batches:
-                    self._record(running / n_running)
+                    save_now |= self._record(running / n_running)
                     running.zero_()
                     n_running = 0
+                if save_now:
+                    self.ckpt.save(self.position(batches, n_batches), "interval")
                 if self._done():
                     break
-            if batches == 0:
+            if batches == 0 and n_batches == 0:
                 raise RuntimeError(
                     f"rank {self.info.rank} got no batches in epoch {self.epoch}: {len(self.loader.dataset)} samples "
                     f"over {self.info.world_size} ranks at batch size {self.cfg.data.batch_size}"
                     f"{' with drop_last' if self.cfg.data.drop_last else ''}")
             if batches == n_batches:  # the epoch ran to its end
                 self.epoch += 1
+                self.epoch_start = 0
+                batches, n_batches = 0, 1
         elapsed = time.perf_counter() - t0
         log.info("training done: %d steps, %d epochs in %.1f s", self.step, self.epoch, elapsed)
+        if self.ckpt.at_end:
+            self.ckpt.save(self.position(batches, n_batches), "end of training")
+        self.ckpt.wait()
         self.progress.event("train_end", step=self.step, epoch=self.epoch)
         self.progress.close()
 
-    def _record(self, mean_loss: torch.Tensor) -> None:
-        loss = float(dist.all_reduce_mean(mean_loss))
+    def _record(self, mean_loss: torch.Tensor) -> bool:
+        """Log the loss averaged over ranks; returns whether the ranks agree a timed checkpoint is due."""
+        both = torch.stack([mean_loss.float(), torch.tensor(float(self.ckpt.time_due()), device=self.device)])
+        both = dist.all_reduce_mean(both)
+        loss, timed = float(both[0]), float(both[1]) > 0
         lr = self.optimizer.param_groups[0].get("lr")
         self.progress.record(self.step, self.epoch, loss, float(lr) if lr is not None else None)
+        return timed
 
 
 def train(cfg: DictConfig, run_dir: str) -> None:

@@ -1,0 +1,325 @@
+"""Saving, committing, finding and loading checkpoints during training (every rank runs this).
+
+Save: every rank writes its DCP shard (replicated DDP tensors are split across ranks) and its rank<r>.json; the
+ranks report to rank 0, which checks every file the DCP metadata names is there and long enough, writes
+train_state.json and then manifest.json last, and tells every rank the outcome. Only then is the checkpoint the
+newest. Retention runs after a commit and never touches a checkpoint newer than the committed one.
+
+Resume: rank 0 picks the checkpoint (the newest committed one, a damaged newer one skipped with a warning that
+names the file and the problem) and broadcasts its choice, so all ranks load the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .. import __version__, dist
+from . import dcp_io, layout, rng
+from .storage import Storage
+
+log = logging.getLogger("launcher")
+
+# Recipe sections that do not change what a checkpoint holds: a resumed run may change them freely.
+_NOT_HASHED = ("run", "launch", "checkpoint", "resume", "trainer")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message says which and why."""
+
+
+def recipe_hash(cfg: DictConfig) -> str:
+    body = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps taken, epoch, and samples of that epoch already trained on
+    (a global count over all ranks, so it means the same thing on any world size)."""
+
+    step: int = 0
+    epoch: int = 0
+    sample_offset: int = 0
+
+
+class Checkpointer:
+    def __init__(self, cfg: DictConfig, run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any = None, scaler: Any = None) -> None:
+        c = cfg.checkpoint
+        self.cfg = cfg
+        self.info = dist.rank_info()
+        self.storage = Storage(c.dir or f"{run_dir}/checkpoints", c.endpoint_url)
+        self.every_steps: int | None = c.every_steps
+        self.every_s: float | None = c.every_minutes * 60 if c.every_minutes else None
+        self.at_end: bool = c.at_end
+        self.keep: int = c.keep
+        self.use_async: bool = c.async_
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.hash = recipe_hash(cfg)
+        self.resumed_from: str | None = None
+        self.last_step: int | None = None  # step of the newest checkpoint this run committed or resumed from
+        self.last_time = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        # Async saves coordinate on a group of their own, so their collectives never interleave with training's.
+        self._pg = tdist.new_group(backend="gloo") if (self.use_async and tdist.is_initialized()) else None
+
+    # ------------------------------------------------------------------ state
+    def _app_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0 and step != self.last_step
+
+    def time_due(self) -> bool:
+        """This rank's view of the minute interval; trainers agree on it across ranks before acting."""
+        return self.every_s is not None and time.monotonic() - self.last_time >= self.every_s
+
+    # ------------------------------------------------------------------ save
+    def save(self, pos: Position, reason: str) -> None:
+        """Write and commit a checkpoint of the current state at `pos` (collective: every rank calls it)."""
+        self.wait()
+        if self.last_step == pos.step:
+            return
+        name = layout.step_dir(pos.step)
+        path = self.storage.join(name)
+        if self.info.is_main:
+            self.storage.makedirs(self.storage.root)
+            stale = layout.inspect(self.storage, name) if self.storage.list_files(path) else None
+            if stale is not None and not stale.committed:
+                self.storage.remove_tree(path)  # leftovers of a save that never committed
+        dist.barrier()
+        t0 = time.perf_counter()
+        per_rank = {"rank": self.info.rank, "step": pos.step, "world_size": self.info.world_size,
+                    "rng": rng.capture()}
+        train_state = self._train_state(pos)
+        state = self._app_state()
+        self.last_step = pos.step
+        self.last_time = time.monotonic()
+        if self.use_async:
+            future = dcp.async_save(state, storage_writer=dcp_io.writer(self.storage, path), process_group=self._pg)
+            stall = time.perf_counter() - t0
+            log.info("checkpoint %s: saving in the background (training stalled %.3f s)", name, stall)
+
+            def finish() -> None:
+                try:
+                    result = future.result() if hasattr(future, "result") else future.upload_completion.result()
+                    self._commit(name, path, per_rank, train_state, result, t0, reason, group=self._pg)
+                except BaseException as e:  # surfaced on the main thread by wait()
+                    self._error = e
+            self._thread = threading.Thread(target=finish, name="checkpoint-commit", daemon=True)
+            self._thread.start()
+            return
+        metadata = dcp.save(state, storage_writer=dcp_io.writer(self.storage, path))
+        self._commit(name, path, per_rank, train_state, metadata, t0, reason, group=None)
+
+    def wait(self) -> None:
+        """Block until a background save has committed (or raise its error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"background checkpoint save failed: {err}") from err
+
+    def _train_state(self, pos: Position) -> dict[str, Any]:
+        state = {"step": pos.step, "epoch": pos.epoch, "sample_offset": pos.sample_offset,
+                 "world_size": self.info.world_size, "batch_size": int(self.cfg.data.batch_size),
+                 "recipe_hash": self.hash, "launcher_version": __version__, "saved_at": time.time(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        try:
+            json.dumps(state)
+        except TypeError as e:
+            raise CheckpointError(f"the LR scheduler or grad scaler state is not plain data ({e}); the launcher "
+                                  f"stores only JSON next to tensors, so it never has to unpickle on load") from e
+        return state
+
+    def _commit(self, name: str, path: str, per_rank: dict, train_state: dict, metadata: Any, t0: float,
+                reason: str, group: Any) -> None:
+        problem = None
+        try:
+            self.storage.write_text(self.storage.sub(path, layout.rank_file(self.info.rank)), json.dumps(per_rank))
+        except OSError as e:
+            problem = f"rank {self.info.rank} could not write {layout.rank_file(self.info.rank)}: {e}"
+        reports = _all_gather({"rank": self.info.rank, "problem": problem}, group)
+        outcome = None
+        if self.info.is_main:
+            outcome = self._verify_and_write_manifest(name, path, reports, train_state, metadata)
+        outcome = _broadcast(outcome, group)
+        if outcome["problem"]:
+            raise CheckpointError(f"checkpoint {path} was not committed: {outcome['problem']}; the previous "
+                                  f"committed checkpoint is intact")
+        log.info("checkpoint %s committed (%s): step %d, %.1f MB in %.2f s", path, reason, train_state["step"],
+                 outcome["bytes"] / 1e6, time.perf_counter() - t0)
+        if self.info.is_main:
+            self._retain()
+
+    def _verify_and_write_manifest(self, name: str, path: str, reports: list[dict], train_state: dict,
+                                   metadata: Any) -> dict[str, Any]:
+        bad = [r["problem"] for r in reports if r["problem"]]
+        if bad:
+            return {"problem": "; ".join(bad), "bytes": 0}
+        needed: dict[str, int] = {".metadata": 1}
+        for item in metadata.storage_data.values():  # every shard file, and how far into it data must reach
+            rel = str(item.relative_path)
+            needed[rel] = max(needed.get(rel, 0), int(item.offset) + int(item.length))
+        for r in range(self.info.world_size):
+            needed[layout.rank_file(r)] = 1
+        try:
+            self.storage.write_text(self.storage.sub(path, layout.TRAIN_STATE), json.dumps(train_state))
+            needed[layout.TRAIN_STATE] = 1
+            files = self.storage.list_files(path)
+            for fname, minimum in sorted(needed.items()):
+                if fname not in files:
+                    return {"problem": f"{self.storage.sub(path, fname)} is missing after the write", "bytes": 0}
+                if files[fname] < minimum:
+                    return {"problem": f"{self.storage.sub(path, fname)} has {files[fname]} bytes, its data "
+                                       f"reaches byte {minimum}", "bytes": 0}
+            sizes = {f: files[f] for f in needed}
+            manifest = {"format": layout.FORMAT, "step": train_state["step"], "epoch": train_state["epoch"],
+                        "sample_offset": train_state["sample_offset"], "world_size": self.info.world_size,
+                        "recipe_hash": self.hash, "launcher_version": __version__, "created": time.time(),
+                        "files": sizes}
+            self.storage.write_text(self.storage.sub(path, layout.MANIFEST), json.dumps(manifest, indent=1))
+        except OSError as e:
+            return {"problem": f"writing {name} failed: {e}", "bytes": 0}
+        return {"problem": None, "bytes": sum(sizes.values())}
+
+    def _retain(self) -> None:
+        """Keep the newest `keep` committed checkpoints; drop older ones and unfinished folders older than them."""
+        if self.keep <= 0:
+            return
+        found = layout.scan(self.storage)
+        committed = [c for c in found if c.committed]
+        if not committed:
+            return
+        kept = {c.name for c in committed[: self.keep]}
+        newest = committed[0].step
+        for c in found:
+            if c.name in kept or c.step >= newest:
+                continue
+            self.storage.remove_tree(c.path)
+            log.info("checkpoint %s removed (%s)", c.path,
+                     "retention: keep %d" % self.keep if c.committed else "never committed")
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, mode: str) -> Position | None:
+        """Load the checkpoint `mode` asks for ('auto', 'never' or a path) into the model, optimizer, scheduler
+        and RNG streams; return where training stands, or None to start fresh."""
+        choice: dict[str, Any] = {"path": None, "skipped": [], "error": None}
+        if self.info.is_main and mode != "never":
+            choice = self._choose(mode)
+        choice = _broadcast(choice, None)
+        for path, problem in choice["skipped"]:
+            log.warning("resume: skipped %s: %s", path, problem)
+        if choice["error"]:
+            raise CheckpointError(choice["error"])
+        if choice["path"] is None:
+            if mode == "auto":
+                log.info("resume: no committed checkpoint in %s; starting from step 0", self.storage.root)
+            return None
+        return self._load(choice["path"], choice["storage_root"])
+
+    def _choose(self, mode: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": None, "skipped": [], "error": None, "storage_root": self.storage.root}
+        if mode == "auto":
+            found, skipped = layout.newest_committed(self.storage)
+            out["skipped"] = [(s.path, s.problem) for s in skipped]
+            if found is not None:
+                out["path"] = found.path
+            return out
+        root, _, name = mode.rstrip("/").rpartition("/")
+        storage = Storage(root or ".", self.storage.endpoint_url)
+        try:
+            info = layout.inspect(storage, name)
+        except ValueError:
+            out["error"] = f"resume: {mode} is not a checkpoint folder (step-<N>)"
+            return out
+        if not info.committed:
+            out["error"] = f"resume: {mode} cannot be used: {info.problem}"
+            return out
+        out["path"], out["storage_root"] = info.path, storage.root
+        return out
+
+    def _load(self, path: str, storage_root: str) -> Position:
+        storage = self.storage if storage_root == self.storage.root else Storage(storage_root,
+                                                                                 self.storage.endpoint_url)
+        train_state = json.loads(storage.read_text(storage.sub(path, layout.TRAIN_STATE)))
+        state = self._app_state()
+        self._check_shapes(storage, path, state["model"])
+        dcp.load(state, storage_reader=dcp_io.reader(storage, path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.scheduler is not None and train_state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(train_state["scheduler"])
+        if self.scaler is not None and train_state.get("scaler") is not None:
+            self.scaler.load_state_dict(train_state["scaler"])
+        saved_world = int(train_state["world_size"])
+        if saved_world == self.info.world_size:
+            per_rank = json.loads(storage.read_text(storage.sub(path, layout.rank_file(self.info.rank))))
+            rng.restore(per_rank["rng"])
+        else:
+            from ..data import derive_seed
+            from ..trainer import seed_all
+            seed_all(derive_seed(int(self.cfg.seed), self.info.rank, int(train_state["step"])))
+            if self.info.is_main:
+                log.warning("resume: the checkpoint was written by %d ranks and this run has %d: model and "
+                            "optimizer reshard, and no sample of the interrupted epoch is repeated or skipped, but "
+                            "results are not bitwise equal to an uninterrupted run (that needs the same world size)",
+                            saved_world, self.info.world_size)
+        if train_state.get("recipe_hash") != self.hash and self.info.is_main:
+            log.warning("resume: the recipe's model, data or optimizer settings differ from the ones %s was "
+                        "written with (recipe hash %s, now %s)", path, train_state.get("recipe_hash"), self.hash)
+        pos = Position(int(train_state["step"]), int(train_state["epoch"]), int(train_state["sample_offset"]))
+        self.resumed_from = path
+        self.last_step = pos.step
+        log.info("resume: from %s: step %d, epoch %d, sample %d of the epoch", path, pos.step, pos.epoch,
+                 pos.sample_offset)
+        return pos
+
+    def _check_shapes(self, storage: Storage, path: str, model_sd: dict[str, torch.Tensor]) -> None:
+        meta = dcp_io.metadata(storage, path).state_dict_metadata
+        problems = []
+        for fqn, tensor in model_sd.items():
+            saved = meta.get(f"model.{fqn}")
+            if saved is None:
+                problems.append(f"parameter '{fqn}' is not in the checkpoint")
+            elif hasattr(saved, "size") and tuple(saved.size) != tuple(tensor.shape):
+                problems.append(f"parameter '{fqn}' has shape {list(saved.size)} in the checkpoint and "
+                                f"{list(tensor.shape)} in the model")
+        extra = sorted(k[len("model."):] for k in meta if k.startswith("model.") and k[len("model."):] not in model_sd)
+        if extra:
+            problems.append(f"the checkpoint has parameters the model lacks: {', '.join(extra[:5])}"
+                            f"{' ...' if len(extra) > 5 else ''}")
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not fit this model (was the recipe's model changed?): "
+                                  + "; ".join(problems))
+
+
+def _all_gather(obj: Any, group: Any) -> list[Any]:
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _broadcast(obj: Any, group: Any) -> Any:
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, group=group)
+    return box[0]

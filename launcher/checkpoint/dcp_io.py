@@ -1,0 +1,78 @@
+"""torch.distributed.checkpoint readers and writers for a Storage, with a metadata reader that unpickles nothing
+but DCP's own metadata classes (DCP's stock reader runs `pickle.load` on `.metadata`; tensor files are read with
+`torch.load(weights_only=True)`)."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from .storage import Storage
+
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": None,  # every class of DCP's metadata module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex", "tuple", "list", "dict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED.get(module, set())
+        if module in _ALLOWED and (allowed is None or name in allowed):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never "
+                                     f"needs; refusing to load it")
+
+
+def read_metadata(stream: Any) -> Metadata:
+    return _MetadataUnpickler(stream).load()
+
+
+class _SafeMetadataMixin:
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)  # type: ignore[attr-defined]
+        with self.fs.create_stream(path, "rb") as f:  # type: ignore[attr-defined]
+            metadata = read_metadata(f)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+        return metadata
+
+
+class SafeFileSystemReader(_SafeMetadataMixin, FileSystemReader):
+    pass
+
+
+def writer(storage: Storage, path: str, thread_count: int = 1) -> Any:
+    if storage.remote:
+        from torch.distributed.checkpoint import FsspecWriter
+        return FsspecWriter(path, sync_files=False, thread_count=thread_count, overwrite=True, **storage.fs_kwargs)
+    return FileSystemWriter(path, sync_files=True, thread_count=thread_count, overwrite=True)
+
+
+def reader(storage: Storage, path: str) -> Any:
+    if storage.remote:
+        from torch.distributed.checkpoint import FsspecReader
+
+        class SafeFsspecReader(_SafeMetadataMixin, FsspecReader):
+            pass
+        return SafeFsspecReader(path, **storage.fs_kwargs)
+    return SafeFileSystemReader(path)
+
+
+def metadata(storage: Storage, path: str) -> Metadata:
+    """The DCP metadata of a checkpoint folder (tensor names, shapes, dtypes), read safely."""
+    import io
+    return read_metadata(io.BytesIO(storage.read_bytes(storage.sub(path, ".metadata"))))
