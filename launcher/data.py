@@ -29,54 +29,67 @@ def derive_seed(*parts: int) -> int:
 class DistributedSampler(torch.utils.data.DistributedSampler):
     """torch's DistributedSampler plus a resume position: a global sample offset within the epoch.
 
-    The epoch's global order is a permutation of (seed, epoch). After `set_epoch(e, start=k)`, the samples
-    order[k:] are dealt round-robin to the ranks, padded (or truncated with drop_last) so every rank gets the
-    same count. With start=0 it matches torch's DistributedSampler exactly.
+    The epoch's global order is a permutation of (seed, epoch), padded as torch pads it (or cut, with drop_last)
+    to a multiple of the world size and dealt round-robin to the ranks. After `set_epoch(e, start=k)` the first k
+    samples of that padded order are skipped: on the same world size that is exactly where an uninterrupted run
+    would be. On another world size the rest may not split evenly; then ranks get one sample more or less, as long
+    as that leaves every rank the same number of batches (`batch_size` tells), else the rest is padded from its
+    start. With start=0 it yields exactly what torch's DistributedSampler yields.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, batch_size: int | None = None) -> None:
         info = rank_info()
         super().__init__(dataset, num_replicas=info.world_size if num_replicas is None else num_replicas,
                          rank=info.rank if rank is None else rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.batch_size = batch_size
         self.start = 0
-        self._resize()
+        self._own: list[int] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Begin `epoch`, skipping the first `start` samples of its global order (already trained on)."""
-        total = len(self.dataset)  # type: ignore[arg-type]
-        if not 0 <= start <= total:
-            raise ValueError(f"sampler start offset {start} is outside the epoch (0..{total})")
+        if not 0 <= start <= self.total_size:
+            raise ValueError(f"sampler start offset {start} is outside the epoch (0..{self.total_size})")
         self.epoch = epoch
         self.start = start
-        self._resize()
-
-    def _resize(self) -> None:
-        remaining = len(self.dataset) - self.start  # type: ignore[arg-type]
-        if self.drop_last:
-            self.num_samples = remaining // self.num_replicas
-        else:
-            self.num_samples = math.ceil(remaining / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
+        self._own = None
 
     def global_order(self) -> list[int]:
+        """This epoch's order over all ranks, padded or cut to a multiple of the world size."""
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            return torch.randperm(n, generator=g).tolist()
-        return list(range(n))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.drop_last:
+            return order[: self.total_size]
+        pad = self.total_size - n
+        return order + (order * math.ceil(pad / n))[:pad] if pad > 0 else order
+
+    def _mine(self) -> list[int]:
+        if self._own is not None:
+            return self._own
+        rest = self.global_order()[self.start:]
+        world = self.num_replicas
+        if len(rest) % world:
+            if self.drop_last:
+                rest = rest[: len(rest) - len(rest) % world]
+            else:
+                counts = [len(rest[r::world]) for r in range(world)]
+                even_batches = self.batch_size and len({math.ceil(c / self.batch_size) for c in counts}) == 1
+                if not even_batches:
+                    extra = world - len(rest) % world
+                    rest = rest + (rest * math.ceil(extra / len(rest)))[:extra]
+        self._own = rest[self.rank::world]
+        return self._own
+
+    def __len__(self) -> int:
+        return len(self._mine())
 
     def __iter__(self) -> Iterator[int]:
-        indices = self.global_order()[self.start:]
-        if self.drop_last:
-            indices = indices[: self.total_size]
-        elif indices:
-            pad = self.total_size - len(indices)
-            indices += (indices * math.ceil(pad / len(indices)))[:pad]
-        own = indices[self.rank: self.total_size: self.num_replicas]
-        assert len(own) == self.num_samples
-        return iter(own)
+        return iter(self._mine())
 
 
 def seed_loader_worker(worker_id: int) -> None:
@@ -91,7 +104,8 @@ def build_loader(data_cfg: Any, dataset: Dataset, *, seed: int, info: RankInfo |
     """The per-rank DataLoader for a recipe's `data` section, with the launcher's DistributedSampler."""
     info = info or rank_info()
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=bool(data_cfg.shuffle), seed=seed, drop_last=bool(data_cfg.drop_last))
+                                 shuffle=bool(data_cfg.shuffle), seed=seed, drop_last=bool(data_cfg.drop_last),
+                                 batch_size=int(data_cfg.batch_size))
     workers = int(data_cfg.num_workers)
     kwargs: dict[str, Any] = {}
     if workers > 0:

@@ -74,3 +74,34 @@ class FailingMLP(nn.Module):
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure at step {self.step}")
         return self.lin(x)
+
+
+class KillableMLP(nn.Module):
+    """An MLP with dropout that SIGKILLs its own rank once, at forward call KILL_AT_STEP on rank KILL_RANK, when
+    those variables are set and KILL_MARKER does not exist yet (it creates it). Otherwise a plain MLP."""
+
+    def __init__(self, in_features: int = 32, hidden: int = 16, out_features: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, out_features))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        at, marker = os.environ.get("KILL_AT_STEP"), os.environ.get("KILL_MARKER")
+        if at and marker and self.calls == int(at) and os.environ.get("RANK") == os.environ.get("KILL_RANK", "1") \
+                and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.net(x)
+
+
+class EnvIndexProbe(IndexProbe):
+    """IndexProbe writing to $PROBE_OUT (so runs of one recipe can record to different places)."""
+
+    def __init__(self) -> None:
+        super().__init__(out="")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.out = os.environ["PROBE_OUT"]
+        return super().forward(x)

@@ -36,3 +36,61 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") == "true" and report.skipped and call.when in ("setup", "call"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, which counts as a failure: {report.longrepr}"
+
+
+# ----------------------------------------------------------------------------------------------- storage
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint for the whole session: moto's server on 127.0.0.1, started by the suite itself."""
+    from s3 import S3Server
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+class Store:
+    """Where a test's checkpoints go: a local directory or a fresh bucket on the S3 endpoint."""
+
+    _n = 0
+
+    def __init__(self, kind: str, tmp_path: Path, s3=None) -> None:
+        self.kind = kind
+        self.s3 = s3
+        if kind == "s3":
+            Store._n += 1
+            self.bucket = f"ckpt-{os.getpid()}-{Store._n}"
+            s3.make_bucket(self.bucket)
+            self.base = f"s3://{self.bucket}/runs"
+            self.env = s3.env()
+        else:
+            self.base = str(tmp_path / "ckpt")
+            self.env = {}
+
+    def url(self, run: str) -> str:
+        return f"{self.base}/{run}"
+
+    def _fs(self):
+        import fsspec
+        if self.kind == "s3":
+            return fsspec.filesystem("s3", **self.s3.fs_kwargs())
+        return fsspec.filesystem("file")
+
+    def truncate(self, path: str) -> None:
+        fs = self._fs()
+        data = fs.cat_file(path)
+        fs.pipe_file(path, data[: len(data) // 2])
+
+    def remove(self, path: str) -> None:
+        self._fs().rm_file(path)
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def store_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def store(store_kind, tmp_path, s3_server):
+    return Store(store_kind, tmp_path, s3_server)

@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .. import __version__, dist
+from .. import __version__, dist, faults
 from . import dcp_io, layout, rng
 from .storage import Storage
 
@@ -151,6 +151,7 @@ class Checkpointer:
     def _commit(self, name: str, path: str, per_rank: dict, train_state: dict, metadata: Any, t0: float,
                 reason: str, group: Any) -> None:
         problem = None
+        faults.point("save.after_shards", train_state["step"], self.info.rank)
         try:
             self.storage.write_text(self.storage.sub(path, layout.rank_file(self.info.rank)), json.dumps(per_rank))
         except OSError as e:

@@ -57,14 +57,14 @@ class SafeFileSystemReader(_SafeMetadataMixin, FileSystemReader):
 
 def writer(storage: Storage, path: str, thread_count: int = 1) -> Any:
     if storage.remote:
-        from torch.distributed.checkpoint import FsspecWriter
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         return FsspecWriter(path, sync_files=False, thread_count=thread_count, overwrite=True, **storage.fs_kwargs)
     return FileSystemWriter(path, sync_files=True, thread_count=thread_count, overwrite=True)
 
 
 def reader(storage: Storage, path: str) -> Any:
     if storage.remote:
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         class SafeFsspecReader(_SafeMetadataMixin, FsspecReader):
             pass
