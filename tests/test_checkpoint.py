@@ -33,7 +33,7 @@ def launch(tmp_path: Path, store, run: str, *args: str, env: dict | None = None)
     recipe = tmp_path / "exp.yaml"
     recipe.write_text(RECIPE)
     return run_launch(str(recipe), "--gpus", "2", "--run-dir", str(tmp_path / run),
-                      f"checkpoint.dir={store.url(run)}", *args, cwd=tmp_path, env=launch_env(**store.env, **(env or {})))
+                      f"checkpoint.dir={store.url(run)}", *args, cwd=tmp_path, env=launch_env(**{**store.env, **(env or {})}))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -157,3 +157,29 @@ def test_incompatible_model_names_parameter_and_shapes(tmp_path, store):
     assert "parameter 'net.0.weight' has shape [16, 32] in the checkpoint and [24, 32] in the model" in r.stderr
     listing = run_launch("ckpt", "ls", store.url("run"), cwd=tmp_path, env=launch_env(**store.env)).stdout
     assert re.search(r"4 .*committed, latest", listing), "the failed resume must leave the checkpoint intact"
+
+
+def test_async_save_resumes_exactly(tmp_path, store, reference):
+    kill = {"KILL_AT_STEP": "14", "KILL_RANK": "0", "KILL_MARKER": str(tmp_path / "killed")}
+    r = launch(tmp_path, store, "run", "checkpoint.async=true", env=kill)
+    assert r.returncode == 1
+    assert "saving in the background" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    r = launch(tmp_path, store, "run", "checkpoint.async=true", env=kill)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"resume: from \S+step-0000000(08|12): step", r.stdout), r.stdout
+    assert_matches(reference, tmp_path, store, "run")
+
+
+def test_credentials_never_written(tmp_path, s3_server):
+    from conftest import Store
+    store = Store("s3", tmp_path, s3_server)
+    secret = "Sekr3tKeyForThisTestOnly9"
+    r = launch(tmp_path, store, "run", "trainer.max_steps=4", env={"AWS_SECRET_ACCESS_KEY": secret})
+    assert r.returncode == 0, r.stderr
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), f"the secret key leaked into {path}"
+    fs = store._fs()
+    for key in fs.find(store.url("run")):
+        assert secret.encode() not in fs.cat_file(key), f"the secret key leaked into {key}"
+    assert secret not in r.stdout + r.stderr
