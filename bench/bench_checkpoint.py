@@ -65,7 +65,8 @@ def main() -> None:
     rows = [
         ("disk sequential write, dd conv=fsync", gb / disk, None, disk),
         ("launcher save, sync (2 ranks, sharded, committed)", local["sync_save_s"], None, None),
-        ("launcher save, async: training stall", local["async_stall_s"], None, None),
+        ("launcher save, async: training stall (first save)", local["async_first_stall_s"], None, None),
+        ("launcher save, async: training stall (later saves)", local["async_stall_s"], None, None),
         ("launcher save, async: until committed", local["async_total_s"], None, None),
         ("launcher load (2 ranks)", local["load_s"], None, None),
         ("torch.save of full state on rank 0 (+fsync)", local["torch_save_s"], None, None),

@@ -73,6 +73,7 @@ class Checkpointer:
         self.last_time = time.monotonic()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._stager: Any = None
         # Async saves coordinate on a group of their own, so their collectives never interleave with training's.
         self._pg = tdist.new_group(backend="gloo") if (self.use_async and tdist.is_initialized()) else None
 
@@ -80,6 +81,32 @@ class Checkpointer:
     def _app_state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    def _my_share(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The part of the (replicated) state this rank writes: parameters are dealt to ranks by size, each with
+        its optimizer state, so every rank stages and writes about 1/world of it. Loading asks for everything and
+        reads each tensor from whichever file holds it, on any world size."""
+        world = self.info.world_size
+        if world == 1:
+            return state
+        optim_state = state["optim"].get("state", {})
+        sizes = {}
+        for fqn, t in state["model"].items():
+            extra = sum(v.numel() * v.element_size() for v in optim_state.get(fqn, {}).values()
+                        if isinstance(v, torch.Tensor))
+            sizes[fqn] = t.numel() * t.element_size() + extra
+        load = [0] * world
+        mine = set()
+        for fqn in sorted(sizes, key=lambda k: (-sizes[k], k)):  # largest first, onto the least loaded rank
+            r = load.index(min(load))
+            load[r] += sizes[fqn]
+            if r == self.info.rank:
+                mine.add(fqn)
+        share: dict[str, Any] = {"model": {k: v for k, v in state["model"].items() if k in mine},
+                                 "optim": {"state": {k: v for k, v in optim_state.items() if k in mine}}}
+        if self.info.rank == 0:
+            share["optim"]["param_groups"] = state["optim"]["param_groups"]
+        return share
 
     def due(self, step: int) -> bool:
         return bool(self.every_steps) and step % self.every_steps == 0 and step != self.last_step
@@ -106,11 +133,14 @@ class Checkpointer:
         per_rank = {"rank": self.info.rank, "step": pos.step, "world_size": self.info.world_size,
                     "rng": rng.capture()}
         train_state = self._train_state(pos)
-        state = self._app_state()
+        state = self._my_share(self._app_state())
         self.last_step = pos.step
         self.last_time = time.monotonic()
         if self.use_async:
-            future = dcp.async_save(state, storage_writer=dcp_io.writer(self.storage, path), process_group=self._pg)
+            if self._stager is None:  # staging buffers are allocated once and reused by every later save
+                self._stager = dcp_io.ReusingStager()
+            future = dcp.async_save(state, storage_writer=dcp_io.writer(self.storage, path), process_group=self._pg,
+                                    async_stager=self._stager)
             stall = time.perf_counter() - t0
             log.info("checkpoint %s: saving in the background (training stalled %.3f s)", name, stall)
 

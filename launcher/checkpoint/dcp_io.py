@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from .storage import Storage
 
@@ -55,11 +56,50 @@ class SafeFileSystemReader(_SafeMetadataMixin, FileSystemReader):
     pass
 
 
-def writer(storage: Storage, path: str, thread_count: int = 1) -> Any:
+def writer(storage: Storage, path: str, thread_count: int = 1, cache_staging: bool = False) -> Any:
+    """A DCP writer: local files are fsynced; `cache_staging` keeps async staging buffers for the next save."""
     if storage.remote:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         return FsspecWriter(path, sync_files=False, thread_count=thread_count, overwrite=True, **storage.fs_kwargs)
-    return FileSystemWriter(path, sync_files=True, thread_count=thread_count, overwrite=True)
+    return FileSystemWriter(path, sync_files=True, thread_count=thread_count, overwrite=True,
+                            cache_staged_state_dict=cache_staging and torch.cuda.is_available())
+
+
+class ReusingStager(AsyncStager):
+    """Async-save staging into host buffers that are allocated once and reused by every later save (DCP's own
+    cache pins memory, which needs CUDA). A copy is what makes training safe to go on while the write runs."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self) -> None:
+        self._buffers: Any = None
+        self._keys: Any = None
+
+    def stage(self, state_dict: Any) -> Any:
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        keys = _structure(state_dict)
+        if self._buffers is None or keys != self._keys:
+            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+            self._keys = keys
+        return _copy_state_dict(state_dict, self._buffers, non_blocking=torch.cuda.is_available())
+
+    def synchronize_staging(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def close(self) -> None:
+        self._buffers = None
+
+
+def _structure(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return tuple((k, _structure(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return tuple(_structure(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        return (tuple(obj.shape), obj.dtype, obj.device.type)
+    return type(obj).__name__
 
 
 def reader(storage: Storage, path: str) -> Any:
