@@ -183,3 +183,32 @@ def test_credentials_never_written(tmp_path, s3_server):
     for key in fs.find(store.url("run")):
         assert secret.encode() not in fs.cat_file(key), f"the secret key leaked into {key}"
     assert secret not in r.stdout + r.stderr
+
+
+def test_retention_and_explicit_resume(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("keep: 0", "keep: 2"))
+    ckpt = tmp_path / "ck"
+    common = [str(recipe), "--gpus", "2", "--run-dir", str(tmp_path / "run"), f"checkpoint.dir={ckpt}"]
+    r = run_launch(*common, "trainer.max_steps=16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000012", "step-000000016"]
+    r = run_launch(*common, "trainer.max_steps=20", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resume: from {ckpt}/step-000000016: step 16" in r.stdout
+    # the checkpoint resumed from survives until a newer one commits; then retention drops the oldest
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000016", "step-000000020"]
+    # branching from an older checkpoint into the same directory would overwrite newer committed ones: refused
+    r = run_launch(*common, "trainer.max_steps=24", f"resume={ckpt}/step-000000016", cwd=tmp_path)
+    assert r.returncode == 1 and "older than the newest checkpoint beside it (step 20)" in r.stderr, r.stderr
+    r = run_launch(*common, "trainer.max_steps=24", "resume=never", cwd=tmp_path)
+    assert r.returncode == 1 and "already has committed checkpoints (newest: step 20)" in r.stderr
+    # ... and allowed into a new directory
+    r = run_launch(*common[:-1], f"checkpoint.dir={tmp_path / 'branch'}", "trainer.max_steps=24",
+                   f"resume={ckpt}/step-000000016", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resume: from {ckpt}/step-000000016: step 16" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "branch").iterdir()) == ["step-000000020", "step-000000024"]
+    r = run_launch(*common, "trainer.max_steps=20", f"resume={ckpt}/step-000000004", cwd=tmp_path)
+    assert r.returncode == 1 and "cannot be used" in r.stderr and "does not exist" in r.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000016", "step-000000020"], "nothing was lost"

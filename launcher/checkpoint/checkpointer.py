@@ -128,6 +128,12 @@ class Checkpointer:
             stale = layout.inspect(self.storage, name) if self.storage.list_files(path) else None
             if stale is not None and not stale.committed:
                 self.storage.remove_tree(path)  # leftovers of a save that never committed
+            clash = stale is not None and stale.committed
+        else:
+            clash = False
+        if _broadcast(clash, None):
+            raise CheckpointError(f"{path} already holds a committed checkpoint from another run; it is never "
+                                  f"overwritten. Point checkpoint.dir at a new directory.")
         dist.barrier()
         t0 = time.perf_counter()
         per_rank = {"rank": self.info.rank, "step": pos.step, "world_size": self.info.world_size,
@@ -252,7 +258,7 @@ class Checkpointer:
         """Load the checkpoint `mode` asks for ('auto', 'never' or a path) into the model, optimizer, scheduler
         and RNG streams; return where training stands, or None to start fresh."""
         choice: dict[str, Any] = {"path": None, "skipped": [], "error": None}
-        if self.info.is_main and mode != "never":
+        if self.info.is_main:
             choice = self._choose(mode)
         choice = _broadcast(choice, None)
         for path, problem in choice["skipped"]:
@@ -267,6 +273,13 @@ class Checkpointer:
 
     def _choose(self, mode: str) -> dict[str, Any]:
         out: dict[str, Any] = {"path": None, "skipped": [], "error": None, "storage_root": self.storage.root}
+        newest, _ = layout.newest_committed(self.storage)
+        mixing = (f"{self.storage.root} already has committed checkpoints (newest: step {newest.step}) that this "
+                  f"run would mix with its own; point checkpoint.dir at a new directory (`launch ckpt ls` lists "
+                  f"them), or remove them") if newest is not None else None
+        if mode == "never":
+            out["error"] = f"resume=never: {mixing}" if mixing else None
+            return out
         if mode == "auto":
             found, skipped = layout.newest_committed(self.storage)
             out["skipped"] = [(s.path, s.problem) for s in skipped]
@@ -282,6 +295,11 @@ class Checkpointer:
             return out
         if not info.committed:
             out["error"] = f"resume: {mode} cannot be used: {info.problem}"
+            return out
+        if storage.root == self.storage.root and newest is not None and newest.step > info.step:
+            out["error"] = (f"resume: {mode} is older than the newest checkpoint beside it (step {newest.step}); "
+                            f"to branch from it, keep resume={mode} and point checkpoint.dir at a new directory, "
+                            f"so no committed checkpoint is overwritten")
             return out
         out["path"], out["storage_root"] = info.path, storage.root
         return out

@@ -61,6 +61,9 @@ def inspect(storage: Storage, name: str) -> CheckpointInfo:
     path = storage.join(name)
     info = CheckpointInfo(name=name, path=path, step=int(m.group(1)))
     info.files = storage.list_files(path)
+    if not info.files:
+        info.problem = f"{path} does not exist or is empty"
+        return info
     if MANIFEST not in info.files:
         info.problem = f"{storage.join(name, MANIFEST)} is missing (an unfinished save)"
         return info
