@@ -28,6 +28,9 @@ examples:
   launch my_train.py --gpus 2 -- --lr 0.1       (a plain torchrun-style script)
   launch recipe.yaml --nodes 2 --gpus 8 --rdzv-endpoint node1:29500   (on each of the 2 nodes)
   launch --explain                              (all recipe keys)
+  launch recipe.yaml --nodes 2 --gpus 8 --slurm                       (a SLURM job; --dry-run shows the sbatch script)
+  launch status runs/NAME                       (SLURM state, progress, last checkpoint, logs)
+  launch cancel runs/NAME
   launch ckpt ls runs/quickstart/checkpoints    (checkpoints: step, epoch, size, committed, latest)
   launch ckpt export runs/quickstart/checkpoints/step-000000096 model.pt
 
@@ -51,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="fix this node's rank (static rendezvous); default: assigned by the rendezvous")
     p.add_argument("--max-restarts", type=int, help="restarts of a failed worker group (launch.max_restarts)")
     p.add_argument("-m", "--module", help="run this module as the training script (python -m MODULE)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and process plan; start nothing")
+    p.add_argument("--slurm", action="store_true", help="submit to SLURM through submitit (backend: slurm)")
+    p.add_argument("--emit-sbatch", action="store_true",
+                   help="print a standalone sbatch script (srun + torchrun) for this recipe and submit nothing")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait until the job ends; exit 0 if it completed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe and the process plan (or the sbatch script); start nothing")
     p.add_argument("--explain", action="store_true", help="list every recipe key with its type and meaning")
     p.add_argument("--version", action="version", version=f"launcher {__version__}")
     return p
@@ -97,6 +105,10 @@ def _ckpt(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     if argv and argv[0] == "ckpt":
         return _ckpt(argv[1:])
+    if argv and argv[0] == "status":
+        return _status(argv[1:])
+    if argv and argv[0] == "cancel":
+        return _cancel(argv[1:])
     own, script_args = _split_script_args(argv)
     args = _parser().parse_intermixed_args(own)
     from . import recipe
@@ -132,11 +144,16 @@ def _main(argv: list[str]) -> int:
         flags.append(f"launch.gpus_per_node={args.gpus}")
     if args.max_restarts is not None:
         flags.append(f"launch.max_restarts={args.max_restarts}")
+    if args.slurm or args.emit_sbatch:
+        flags.append("backend=slurm")
     loaded = recipe.load(path, [*args.overrides, *flags], defaults=defaults)
     cfg = loaded.cfg
 
     run_dir = os.path.abspath(args.run_dir or cfg.run.dir or os.path.join("runs", cfg.run.name))
     cfg.run.dir = run_dir
+
+    if cfg.backend == "slurm":
+        return _slurm(args, cfg, run_dir, argv)
 
     from .backends import local
     plan = local.plan(cfg, run_dir, rdzv_endpoint=args.rdzv_endpoint, node_rank=args.node_rank)
@@ -160,6 +177,52 @@ def _main(argv: list[str]) -> int:
           f"({plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.procs_per_node}), "
           f"logs in {os.path.join(run_dir, 'logs')}", file=sys.stderr)
     return local.run(plan)
+
+
+def _slurm(args: argparse.Namespace, cfg: object, run_dir: str, argv: list[str]) -> int:
+    from . import recipe
+    from .backends import slurm
+
+    if args.dry_run:
+        print("# resolved recipe")
+        print(recipe.to_yaml(cfg), end="")  # type: ignore[arg-type]
+        print("# sbatch script that would be submitted (nothing was submitted)")
+        print(slurm.sbatch_script(cfg, run_dir))
+        return 0
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    recipe.save(cfg, os.path.join(run_dir, "config.yaml"), extra={"launcher_version": __version__})  # type: ignore
+    _write_launch_json(run_dir, _SlurmPlan(cfg), argv)
+    if args.emit_sbatch:
+        print(slurm.standalone_sbatch(cfg, run_dir, args.recipe or ""))
+        print(f"launch: wrote {os.path.join(run_dir, 'config.yaml')}; the script runs it", file=sys.stderr)
+        return 0
+    return slurm.submit(cfg, run_dir, wait=args.wait)
+
+
+class _SlurmPlan:
+    def __init__(self, cfg: object) -> None:
+        self.cfg = cfg
+
+    def to_dict(self) -> dict:
+        c = self.cfg
+        return {"backend": "slurm", "nodes": c.launch.nodes, "procs_per_node": c.launch.gpus_per_node or 1,  # type: ignore
+                "world_size": c.launch.nodes * (c.launch.gpus_per_node or 1)}  # type: ignore
+
+
+def _status(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch status", description="State, progress, checkpoint and logs of a run.")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    from .status import status
+    return status(a.run_dir)
+
+
+def _cancel(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch cancel", description="Cancel a run's SLURM job.")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    from .status import cancel
+    return cancel(a.run_dir)
 
 
 def _write_launch_json(run_dir: str, plan: object, argv: list[str]) -> None:

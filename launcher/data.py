@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -93,7 +94,10 @@ class DistributedSampler(torch.utils.data.DistributedSampler):
 
 
 def seed_loader_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: python and numpy streams from this worker's own torch seed."""
+    """DataLoader worker_init_fn: python and numpy streams from this worker's own torch seed. Loader workers
+    ignore SIGUSR2: SLURM signals every process of the job ahead of preemption, and a worker that died of it
+    would take the rank down before its emergency checkpoint."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,40 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
+
+
+class StopRequest:
+    """A request to checkpoint and stop (SIGUSR2 from SLURM ahead of preemption or a time limit). Set by a signal
+    handler, acted on at the next step boundary once every rank agrees (see `any_rank`)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self, *signums: int) -> None:
+        for s in signums:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            log.warning("received %s: will checkpoint and stop at the next step boundary",
+                        signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP = StopRequest()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank's flag is set (one tiny all-reduce, so no rank waits alone)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def _free_port() -> int:

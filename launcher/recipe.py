@@ -95,6 +95,25 @@ class CheckpointSection:
 
 
 @dataclass
+class SlurmSection:
+    partition: Optional[str] = doc("Partition (sbatch --partition); default: the cluster's default.", None)
+    account: Optional[str] = doc("Account to charge (--account).", None)
+    qos: Optional[str] = doc("Quality of service (--qos).", None)
+    time_min: int = doc("Time limit in minutes (--time); the job is signalled signal_grace_s before it.", 60)
+    constraint: Optional[str] = doc("Node features (--constraint).", None)
+    mem: Optional[str] = doc("Memory per node, e.g. 64G (--mem).", None)
+    cpus_per_task: Optional[int] = doc("CPUs for each node's task (--cpus-per-task); default: 2 per process.",
+                                       None)
+    exclusive: bool = doc("Whole nodes only (--exclusive).", False)
+    signal_grace_s: int = doc("Seconds before the time limit at which SLURM sends USR2 (checkpoint, requeue).", 120)
+    max_requeues: int = doc("How many times the job requeues itself after preemption or a time limit.", 3)
+    extra_sbatch: Optional[Dict[str, Any]] = doc("More sbatch options, {option: value}, e.g. {gres: 'gpu:8'}.",
+                                                 None)
+    setup: List[str] = doc("Shell lines run before the job (module load, source venv/bin/activate).",
+                           factory=list)
+
+
+@dataclass
 class Recipe:
     seed: int = doc("Seed for model initialisation (same on all ranks), data order and per-rank streams.", 0)
     run: RunSection = doc("Where the run lives.", factory=RunSection)
@@ -110,6 +129,9 @@ class Recipe:
     trainer: TrainerSection = doc("Training limits, logging and clipping.", factory=TrainerSection)
     checkpoint: CheckpointSection = doc("Sharded checkpoints: where, how often, how many.",
                                         factory=CheckpointSection)
+    backend: str = doc("local (torchrun on this machine) or slurm (a SLURM job through submitit; `--slurm`).",
+                       "local")
+    slurm: SlurmSection = doc("SLURM job settings (with backend slurm).", factory=SlurmSection)
     resume: str = doc("auto (newest committed checkpoint), never, or the path of a checkpoint (step-<N> folder).",
                       "auto")
 
@@ -533,6 +555,15 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
     if cfg.resume not in ("auto", "never") and "/" not in cfg.resume and not cfg.resume.startswith("step-"):
         out.append(f"{at('resume')}: resume must be auto, never, or the path of a checkpoint folder "
                    f"(.../step-<N>), got '{cfg.resume}'")
+    if cfg.backend not in ("local", "slurm"):
+        out.append(f"{at('backend')}: backend must be local or slurm, got '{cfg.backend}'")
+    positive("slurm.time_min", allow_none=False)
+    positive("slurm.signal_grace_s", allow_none=False, minimum=0)
+    positive("slurm.max_requeues", allow_none=False, minimum=0)
+    positive("slurm.cpus_per_task")
+    if cfg.backend == "slurm" and cfg.slurm.signal_grace_s >= cfg.slurm.time_min * 60:
+        out.append(f"{at('slurm.signal_grace_s')}: slurm.signal_grace_s ({cfg.slurm.signal_grace_s}) must be "
+                   f"shorter than the time limit slurm.time_min ({cfg.slurm.time_min} min)")
     if cfg.trainer.device not in DEVICES:
         out.append(f"{at('trainer.device')}: trainer.device must be one of {', '.join(DEVICES)}, got "
                    f"'{cfg.trainer.device}'")

@@ -7,7 +7,9 @@ a Python float, the cross-rank mean) are taken only every `trainer.log_every_ste
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -91,6 +93,8 @@ class Trainer:
         self.max_epochs: int | None = t.max_epochs
         self.clip: float | None = t.grad_clip_norm
         self.log_every = int(t.log_every_steps)
+        # Under SLURM a preemption signal may come at any step: agree on it every step (a one-float all-reduce).
+        self.stop_every_step = os.environ.get("LAUNCHER_PREEMPTIBLE") == "1"
         global_batch = int(cfg.data.batch_size) * self.info.world_size
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
         self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler)
@@ -158,6 +162,10 @@ class Trainer:
                     save_now |= self._record(running / n_running)
                     running.zero_()
                     n_running = 0
+                if self.stop_every_step or self.step % every == 0:
+                    if dist.any_rank(dist.STOP.requested, self.device):
+                        self._stop(self.position(batches, n_batches))
+                        return
                 if save_now:
                     self.ckpt.save(self.position(batches, n_batches), "interval")
                 if self._done():
@@ -177,6 +185,19 @@ class Trainer:
             self.ckpt.save(self.position(batches, n_batches), "end of training")
         self.ckpt.wait()
         self.progress.event("train_end", step=self.step, epoch=self.epoch)
+        self.progress.close()
+
+    def _stop(self, pos: Position) -> None:
+        """Every rank agreed to stop (a preemption signal): write one committed checkpoint, leave a marker."""
+        log.warning("stop requested: checkpointing at step %d and exiting", pos.step)
+        self.ckpt.save(pos, "preemption signal")
+        self.ckpt.wait()
+        if self.info.is_main:
+            marker = {"step": pos.step, "job_id": os.environ.get("SLURM_JOB_ID"),
+                      "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "time": time.time()}
+            with open(os.path.join(self.run_dir, "preempted.json"), "w") as f:
+                json.dump(marker, f)
+        self.progress.event("preempted", step=pos.step)
         self.progress.close()
 
     def _record(self, mean_loss: torch.Tensor) -> bool:

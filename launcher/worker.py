@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     info = dist.rank_info()
     monitor.setup_rank_logging(run_dir, info.rank)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    dist.STOP.install(signal.SIGUSR2)
     log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d", info.rank,
              info.local_rank, info.world_size, info.node_rank, info.host, os.getpid(), info.restart_count)
     try:

@@ -1,0 +1,80 @@
+"""The SLURM submit path without a cluster: the sbatch script (golden file), the standalone script, allocation
+checks. The real cluster tests are in test_slurm_cluster.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_launch
+from launcher import recipe
+from launcher.backends import slurm
+from launcher.errors import UsageError
+
+GOLDEN = Path(__file__).parent / "golden"
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+ARGS = ["--nodes", "2", "--gpus", "2", "--slurm", "slurm.partition=debug", "slurm.time_min=30",
+        "slurm.signal_grace_s=45", "slurm.account=proj1", "slurm.setup=[module load cuda, source venv/bin/activate]",
+        "slurm.extra_sbatch={mail-type: END}"]
+
+
+def normalise(text: str, run_dir: str) -> str:
+    return text.replace(run_dir, "<RUN_DIR>").replace(sys.executable, "<PYTHON>")
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("LAUNCHER_REFRESH_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}: run with LAUNCHER_REFRESH_GOLDEN=1 to create it"
+    assert text == path.read_text(), (f"{name} changed; if the change is intended, refresh the golden file: "
+                                      f"LAUNCHER_REFRESH_GOLDEN=1 scripts/test.sh tests/test_slurm_submit.py")
+
+
+def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
+    run_dir = str(tmp_path / "run")
+    r = run_launch(str(RECIPE), *ARGS, "--run-dir", run_dir, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = r.stdout.split("# sbatch script that would be submitted (nothing was submitted)\n", 1)[1]
+    check_golden("sbatch_dry_run.txt", normalise(script, run_dir))
+    assert not Path(run_dir).exists()
+
+
+def test_emit_sbatch_writes_a_standalone_script(tmp_path):
+    run_dir = str(tmp_path / "run")
+    r = run_launch(str(RECIPE), *ARGS, "--run-dir", run_dir, "--emit-sbatch", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    check_golden("sbatch_standalone.txt", normalise(r.stdout, run_dir).replace(str(RECIPE), "<RECIPE>"))
+    assert (Path(run_dir) / "config.yaml").exists(), "the standalone script runs the saved config"
+    assert "$SLURM_NODEID" not in r.stdout, "node ranks must be read by each task, never expanded at submit time"
+
+
+def _env(**kw: str) -> slurm.SlurmEnv:
+    base = dict(job_id="42", node_id=0, nnodes=2, ntasks_per_node=1, nodelist="n[1-2]", restart_count=0)
+    base.update(kw)
+    return slurm.SlurmEnv(**base)  # type: ignore[arg-type]
+
+
+def test_allocation_mismatch_names_the_numbers():
+    cfg = recipe.load(str(RECIPE), ["launch.nodes=2", "launch.gpus_per_node=4"]).cfg
+    slurm.check_allocation(_env(), cfg)
+    with pytest.raises(UsageError, match=r"the allocation has 3 node\(s\) but the recipe asks for launch.nodes=2"):
+        slurm.check_allocation(_env(nnodes=3), cfg)
+    with pytest.raises(UsageError, match="SLURM started 4 tasks per node; the launcher needs exactly 1"):
+        slurm.check_allocation(_env(ntasks_per_node=4), cfg)
+
+
+def test_slurm_env_parses_tasks_per_node_forms(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x2)")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    env = slurm.SlurmEnv.from_environ()
+    assert (env.job_id, env.node_id, env.nnodes, env.ntasks_per_node, env.restart_count) == ("7", 1, 2, 1, 0)
