@@ -72,6 +72,14 @@ logfile_of() {
 }
 DAEMONS=(munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd.}")
 
+# alive PID: the process exists and is not a zombie (init here may reap orphans late)
+alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z && ${stat:0:1} != X ]]
+}
+
 # pid_of NAME: print the pid if the daemon from our pid file is alive (and is what we think it is)
 pid_of() {
     local f pid comm
@@ -80,7 +88,7 @@ pid_of() {
     pid=$(tr -dc '0-9' <"$f" 2>/dev/null || true)
     [[ -n $pid ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$(comm_of "$1")" ]] || return 1
+    [[ $comm == "$(comm_of "$1")" ]] && alive "$pid" || return 1
     echo "$pid"
 }
 running() { pid_of "$1" >/dev/null; }
@@ -104,10 +112,10 @@ stop_daemon() {
     pid=$(pid_of "$name") || { rm -f "$(pidfile_of "$name")"; return 0; }
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 150; i++)); do           # up to 15 s, then SIGKILL
-        [[ -d /proc/$pid ]] || break
+        alive "$pid" || break
         sleep 0.1
     done
-    if [[ -d /proc/$pid ]]; then
+    if alive "$pid"; then
         err "$name (pid $pid) ignored SIGTERM for 15 s; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 0.2
@@ -241,9 +249,12 @@ SchedulerParameters=sched_interval=2,bf_interval=1
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
+# the munge socket slurmdbd clients (slurmctld, sacct, sacctmgr) use; AuthInfo alone does not reach them
+AccountingStoragePass=$MUNGE_SOCK
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
+MailProg=/bin/true
 NodeName=n[$first-$last] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((CTLD_PORT + first))-$((CTLD_PORT + last)) CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN
 PartitionName=debug Nodes=n[$first-$last] Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -270,9 +281,10 @@ StorageLoc=slurm_acct_db
 EOF
 }
 
-# write_conf FILE MODE: install stdin as FILE; return 0 if the content changed
+# write_conf FILE MODE CONTENT: install CONTENT as FILE; sets CHANGED=1 if the content changed
 write_conf() {
-    local file=$1 mode=$2 tmp
+    local file=$1 mode=$2 content=$3 tmp
+    CHANGED=0
     if [[ -e $file ]] && ! grep -qF "$MARKER" "$file"; then
         if [[ ${LAUNCHER_SLURM_FORCE:-0} == 1 ]]; then
             cp -p "$file" "$file.orig.$(date +%s)"
@@ -283,15 +295,15 @@ write_conf() {
     fi
     mkdir -p "$(dirname "$file")"
     tmp=$(mktemp "$file.XXXXXX")
-    cat >"$tmp"
+    printf '%s\n' "$content" >"$tmp"
     chmod "$mode" "$tmp"
     chown root:root "$tmp"
     if [[ -e $file ]] && cmp -s "$tmp" "$file"; then
         rm -f "$tmp"
-        return 1
+    else
+        mv -f "$tmp" "$file"
+        CHANGED=1
     fi
-    mv -f "$tmp" "$file"
-    return 0
 }
 
 # ---------------------------------------------------------------- starting each piece
@@ -300,7 +312,7 @@ start_munged() {
     rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
     runuser -u munge -- /usr/sbin/munged --key-file="$MUNGE_DIR/munge.key" --socket="$MUNGE_SOCK" \
         --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" \
-        --seed-file="$MUNGE_DIR/munged.seed" </dev/null >>"$LOG/munged.out" 2>&1 ||
+        --seed-file="$MUNGE_DIR/munged.seed" </dev/null >>"$LOG/munged.out" 2>&1 9>&- ||
         die "munged failed to start" "$LOG/munged.out" "$MUNGE_DIR/munged.log"
     wait_for munged "munge credentials" bash -c "munge -n -S '$MUNGE_SOCK' | unmunge -S '$MUNGE_SOCK'"
     say "munged up (pid $(pid_of munged))"
@@ -311,21 +323,21 @@ db() { mariadb --no-defaults -S "$DB_SOCK" -u root --batch --skip-column-names "
 start_mariadb() {
     if ! running mariadbd; then
         local opts=(--no-defaults --user=root --datadir="$DB_DIR" --socket="$DB_SOCK" --port=$DB_PORT
-            --bind-address=127.0.0.1 --skip-name-resolve --innodb-buffer-pool-size=256M
+            --bind-address=127.0.0.1 --skip-name-resolve --innodb-buffer-pool-size=512M
             --innodb-log-file-size=64M --innodb-lock-wait-timeout=900 --innodb-flush-log-at-trx-commit=2)
         if [[ ! -d $DB_DIR/mysql ]]; then
             rm -rf "$DB_DIR"
             mkdir -p "$DB_DIR"
             mariadb-install-db "${opts[@]}" --auth-root-authentication-method=socket --skip-test-db \
-                </dev/null >"$LOG/mariadb-install.log" 2>&1 ||
+                </dev/null >"$LOG/mariadb-install.log" 2>&1 9>&- ||
                 { rm -rf "$DB_DIR"; die "mariadb-install-db failed" "$LOG/mariadb-install.log"; }
         fi
         rm -f "$DB_SOCK"
         setsid mariadbd "${opts[@]}" --pid-file="$RUN/mariadbd.pid" --log-error="$LOG/mariadbd.log" \
-            </dev/null >>"$LOG/mariadbd.log" 2>&1 &
+            </dev/null >>"$LOG/mariadbd.log" 2>&1 9>&- &
         local pid=$! deadline=$((SECONDS + TIMEOUT))
         until db -e 'SELECT 1' >/dev/null 2>&1; do
-            [[ -d /proc/$pid ]] || die "mariadbd exited during start-up" "$LOG/mariadbd.log"
+            alive "$pid" || die "mariadbd exited during start-up" "$LOG/mariadbd.log"
             ((SECONDS < deadline)) || die "timed out waiting for mariadbd" "$LOG/mariadbd.log"
             sleep 0.2
         done
@@ -345,7 +357,7 @@ start_mariadb() {
 
 start_slurmdbd() {
     if ! running slurmdbd; then
-        slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1 || die "slurmdbd failed to start" "$LOG/slurmdbd.out" "$LOG/slurmdbd.log"
+        slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1 9>&- || die "slurmdbd failed to start" "$LOG/slurmdbd.out" "$LOG/slurmdbd.log"
     fi
     wait_for slurmdbd "slurmdbd to answer" sacctmgr -n -P list cluster format=cluster
     if [[ -z $(sacctmgr -n -P list cluster "$CLUSTER" format=cluster 2>/dev/null) ]]; then
@@ -358,7 +370,7 @@ start_slurmdbd() {
 
 start_slurmctld() {
     if ! running slurmctld; then
-        slurmctld </dev/null >>"$LOG/slurmctld.out" 2>&1 || die "slurmctld failed to start" "$LOG/slurmctld.out" "$LOG/slurmctld.log"
+        slurmctld </dev/null >>"$LOG/slurmctld.out" 2>&1 9>&- || die "slurmctld failed to start" "$LOG/slurmctld.out" "$LOG/slurmctld.log"
     fi
     wait_for slurmctld "slurmctld to answer" scontrol ping
     say "slurmctld up (pid $(pid_of slurmctld))"
@@ -367,7 +379,7 @@ start_slurmctld() {
 start_slurmd() {
     local n=$1 name=slurmd.$1
     running "$name" && return 0
-    slurmd -N "$n" </dev/null >>"$LOG/$name.out" 2>&1 || die "slurmd -N $n failed to start" "$LOG/$name.out" "$LOG/$name.log"
+    slurmd -N "$n" </dev/null >>"$LOG/$name.out" 2>&1 9>&- || die "slurmd -N $n failed to start" "$LOG/$name.out" "$LOG/$name.log"
     wait_for "$name" "slurmd $n" running "$name"
     say "slurmd $n up (pid $(pid_of "$name"))"
 }
@@ -413,9 +425,11 @@ cmd_start() {
     install_packages
     ensure_hosts
     ensure_dirs
-    local slurm_changed=0 dbd_changed=0
-    slurm_conf | write_conf "$SLURM_CONF_FILE" 644 && slurm_changed=1
-    dbd_conf | write_conf "$DBD_CONF_FILE" 600 && dbd_changed=1
+    local slurm_changed dbd_changed
+    write_conf "$SLURM_CONF_FILE" 644 "$(slurm_conf)"
+    slurm_changed=$CHANGED
+    write_conf "$DBD_CONF_FILE" 600 "$(dbd_conf)"
+    dbd_changed=$CHANGED
     # a changed config on a running cluster: restart what reads it
     if ((dbd_changed)) && running slurmdbd; then
         say "slurmdbd.conf changed; restarting slurmdbd"
