@@ -80,8 +80,10 @@ class KillableMLP(nn.Module):
     """An MLP with dropout that SIGKILLs its own rank once, at forward call KILL_AT_STEP on rank KILL_RANK, when
     those variables are set and KILL_MARKER does not exist yet (it creates it). Otherwise a plain MLP."""
 
-    def __init__(self, in_features: int = 32, hidden: int = 16, out_features: int = 4, dropout: float = 0.1) -> None:
+    def __init__(self, in_features: int = 32, hidden: int = 16, out_features: int = 4, dropout: float = 0.1,
+                 step_sleep: float = 0.0) -> None:
         super().__init__()
+        self.step_sleep = step_sleep
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, out_features))
         self.calls = 0
@@ -93,6 +95,9 @@ class KillableMLP(nn.Module):
                 and not os.path.exists(marker):
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.step_sleep:
+            import time
+            time.sleep(self.step_sleep)  # stands in for real work, so a test can act mid-training
         return self.net(x)
 
 
