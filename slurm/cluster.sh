@@ -246,6 +246,8 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
+# Refuse at submit time what can never run (too many nodes or CPUs), as most production sites do.
+EnforcePartLimits=ALL
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT

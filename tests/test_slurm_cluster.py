@@ -129,12 +129,12 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
 
 def test_time_limit_shorter_than_training_finishes_across_allocations(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
-    recipe = write(tmp_path, steps=400, sleep=0.2, time_min=1, grace=40, requeues=6)
+    recipe = write(tmp_path, steps=300, sleep=0.2, time_min=1, grace=40, requeues=8)  # 60 s of steps
     r = run_launch(recipe, "--nodes", "2", "--gpus", "2", "--slurm", "--run-dir", str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = job_id(run_dir)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600) == "COMPLETED"
-    assert metrics_step(run_dir) == 400
+    assert metrics_step(run_dir) == 300
     log0 = (run_dir / "logs" / "rank0.log").read_text()
     assert log0.count("resume: from") >= 1, "the job never ran past one allocation"
 
