@@ -121,10 +121,17 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
     log0 = (run_dir / "logs" / "rank0.log").read_text()
     assert "preemption signal" in log0 and f"resume: from" in log0 and f"step {marker['step']}," in log0
     assert metrics_step(run_dir) == steps
+    def losses(d: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+    got, expected = losses(run_dir), losses(ref)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert [s for s in got if got[s] != expected[s]] == [], "per-step losses differ from the uninterrupted job"
     final = export(tmp_path, run_dir / "checkpoints" / f"step-{steps:09d}", "run")
     want = export(tmp_path, ref / "checkpoints" / f"step-{steps:09d}", "ref")
     for k in want:
-        assert torch.equal(final[k], want[k]), f"{k} differs from the uninterrupted run"
+        # Across two SLURM nodes the final parameters of two jobs were seen to differ in the last float bit
+        # (max 1.5e-8) even where every logged loss matched; on one node they are bit-identical (test_checkpoint).
+        assert torch.allclose(final[k], want[k], rtol=0, atol=1e-6), f"{k} differs from the uninterrupted run"
 
 
 def test_time_limit_shorter_than_training_finishes_across_allocations(slurm_cluster, tmp_path):
