@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         dist.teardown()
+        # From here the process only exits. Python restores default handlers while it shuts down, and by default
+        # SIGUSR2 kills: a late preemption signal must not turn a finished rank into a failed one.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

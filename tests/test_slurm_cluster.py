@@ -58,12 +58,19 @@ def state(job: str) -> str:
     return job_state(job)
 
 
-def wait_state(job: str, final: set[str], timeout: float) -> str:
+def wait_state(job: str, final: set[str], timeout: float, settle: float = 10) -> str:
+    """The first state in `final` that holds for `settle` seconds (a requeue can show FAILED for a moment)."""
     deadline = time.time() + timeout
+    seen = None
     while time.time() < deadline:
         s = state(job)
         if s in final:
-            return s
+            if seen is None or seen[0] != s:
+                seen = (s, time.time())
+            elif time.time() - seen[1] >= settle:
+                return s
+        else:
+            seen = None
         time.sleep(1)
     raise AssertionError(f"job {job} still {state(job)} after {timeout} s")
 
@@ -165,7 +172,7 @@ def test_status_and_cancel(slurm_cluster, tmp_path):
                    "--run-dir", str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = job_id(run_dir)
-    wait_state(job, {"RUNNING"}, 120)
+    wait_state(job, {"RUNNING"}, 120, settle=0)
     s = run_launch("status", str(run_dir), cwd=tmp_path)
     assert f"SLURM job:  {job}: RUNNING" in s.stdout and "logs:" in s.stdout
     c = run_launch("cancel", str(run_dir), cwd=tmp_path)

@@ -153,14 +153,22 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "PREEMPTED"}
 
 
-def wait_for(job_id: str, run_dir: str, timeout_s: float = 3600) -> int:
+def wait_for(job_id: str, run_dir: str, timeout_s: float = 3600, settle_s: float = 10) -> int:
+    """Wait until the job ends. A final state must hold for `settle_s`: while a job requeues itself, SLURM can
+    report the ending allocation (FAILED, CANCELLED) for a moment before the job is pending again."""
     deadline = time.time() + timeout_s
+    seen: tuple[str, float] | None = None
     while time.time() < deadline:
         state = job_state(job_id)
         if state in FINAL:
-            print(f"launch: SLURM job {job_id} ended: {state}", file=sys.stderr)
-            return 0 if state == "COMPLETED" else 1
-        time.sleep(2)
+            if seen is None or seen[0] != state:
+                seen = (state, time.time())
+            elif time.time() - seen[1] >= settle_s:
+                print(f"launch: SLURM job {job_id} ended: {state}", file=sys.stderr)
+                return 0 if state == "COMPLETED" else 1
+        else:
+            seen = None
+        time.sleep(1)
     raise LauncherError(f"SLURM job {job_id} did not end within {timeout_s:.0f} s; it keeps running")
 
 
@@ -254,6 +262,8 @@ def _maybe_requeue(env: SlurmEnv, cfg: Any, run_dir: str, rc: int) -> int:
         return 1
     print(f"launch: checkpointed at step {marker['step']}; requeueing job {env.job_id} "
           f"(requeue {env.restart_count + 1} of {cfg.slurm.max_requeues})", flush=True)
+    # SLURM ends this allocation with SIGTERM once the requeue is accepted: that is the expected end, not a failure.
+    signal.signal(signal.SIGTERM, lambda s, f: os._exit(0))
     r = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True)
     if r.returncode != 0:
         print(f"launch: scontrol requeue failed: {r.stderr.strip()}", flush=True)
