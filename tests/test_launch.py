@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_failing_rank_is_reported_and_group_torn_down(tmp_path, mode, expected):
 
 
 def test_plain_torchrun_script_runs_unchanged(tmp_path):
-    script = TESTS / "scripts" / "plain_ddp.py"
+    script = ROOT / "recipes" / "scripts" / "plain_ddp.py"  # the shipped example
     r = run_launch(str(script), "--gpus", "2", "--", "--steps", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "runs" / "plain_ddp"
@@ -174,12 +175,12 @@ def test_script_through_public_api_and_its_failure(tmp_path):
 
 
 def test_script_recipe_with_module(tmp_path):
-    recipe = "script:\n  module: scripts.plain_ddp\n  args: ['--steps', '2']\nlaunch:\n  gpus_per_node: 2\n"
-    r = run_launch(write(tmp_path, recipe, "mod.yaml"), cwd=TESTS)
+    recipe = "script:\n  module: plain_ddp\n  args: ['--steps', '2']\nlaunch:\n  gpus_per_node: 2\n"
+    env = launch_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "recipes" / "scripts"), env["PYTHONPATH"]])
+    r = run_launch(write(tmp_path, recipe, "mod.yaml"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert "plain script rank 1 finished 2 steps" in rank_log(TESTS / "runs" / "mod", 1)
-    import shutil
-    shutil.rmtree(TESTS / "runs")
+    assert "plain script rank 1 finished 2 steps" in rank_log(tmp_path / "runs" / "mod", 1)
 
 
 def _free_port() -> int:

@@ -59,20 +59,8 @@ def state(job: str) -> str:
 
 
 def wait_state(job: str, final: set[str], timeout: float, settle: float = 10) -> str:
-    """The first state in `final` that holds for `settle` seconds (a requeue can show FAILED for a moment)."""
-    deadline = time.time() + timeout
-    seen = None
-    while time.time() < deadline:
-        s = state(job)
-        if s in final:
-            if seen is None or seen[0] != s:
-                seen = (s, time.time())
-            elif time.time() - seen[1] >= settle:
-                return s
-        else:
-            seen = None
-        time.sleep(1)
-    raise AssertionError(f"job {job} still {state(job)} after {timeout} s")
+    from launcher.backends.slurm import wait_state as wait
+    return wait(job, final, timeout, settle)
 
 
 def metrics_step(run_dir: Path) -> int:

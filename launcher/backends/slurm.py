@@ -153,23 +153,28 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "PREEMPTED"}
 
 
-def wait_for(job_id: str, run_dir: str, timeout_s: float = 3600, settle_s: float = 10) -> int:
-    """Wait until the job ends. A final state must hold for `settle_s`: while a job requeues itself, SLURM can
-    report the ending allocation (FAILED, CANCELLED) for a moment before the job is pending again."""
+def wait_state(job_id: str, wanted: set[str], timeout_s: float, settle_s: float = 10) -> str:
+    """The first state in `wanted` that holds for `settle_s`: while a job requeues itself, SLURM can report the
+    ending allocation (FAILED, CANCELLED) for a moment before the job is pending again."""
     deadline = time.time() + timeout_s
     seen: tuple[str, float] | None = None
     while time.time() < deadline:
         state = job_state(job_id)
-        if state in FINAL:
+        if state in wanted:
             if seen is None or seen[0] != state:
                 seen = (state, time.time())
-            elif time.time() - seen[1] >= settle_s:
-                print(f"launch: SLURM job {job_id} ended: {state}", file=sys.stderr)
-                return 0 if state == "COMPLETED" else 1
+            if time.time() - seen[1] >= settle_s:
+                return state
         else:
             seen = None
         time.sleep(1)
-    raise LauncherError(f"SLURM job {job_id} did not end within {timeout_s:.0f} s; it keeps running")
+    raise LauncherError(f"SLURM job {job_id} is still {job_state(job_id)} after {timeout_s:.0f} s; it keeps running")
+
+
+def wait_for(job_id: str, run_dir: str, timeout_s: float = 3600) -> int:
+    state = wait_state(job_id, FINAL, timeout_s)
+    print(f"launch: SLURM job {job_id} ended: {state}", file=sys.stderr)
+    return 0 if state == "COMPLETED" else 1
 
 
 # ----------------------------------------------------------------------------------------------- inside the job

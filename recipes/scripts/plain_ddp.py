@@ -30,4 +30,5 @@ for step, (x, y) in zip(range(args.steps), loader):
     loss.backward()
     opt.step()
 print(f"plain script rank {rank} finished {args.steps} steps", flush=True)
+dist.barrier()  # every rank done before any leaves: gloo can abort if a peer exits mid-teardown
 dist.destroy_process_group()
