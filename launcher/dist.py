@@ -131,8 +131,15 @@ class StopRequest:
         return self.signum is not None
 
     def install(self, *signums: int) -> None:
+        """Handle `signums` from now on, including any that came earlier: the SLURM node task starts workers with
+        these signals blocked (they wait, pending) and leaves $LAUNCHER_STOP_FILE if one came before the worker
+        existed (see backends.slurm.hold_preemption_signal)."""
         for s in signums:
             signal.signal(s, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
+        stop_file = os.environ.get("LAUNCHER_STOP_FILE")
+        if signums and stop_file and os.path.exists(stop_file):
+            self._handle(signums[0], None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:

@@ -111,11 +111,14 @@ class Trainer:
         return ((self.max_steps is not None and self.step >= self.max_steps)
                 or (self.max_epochs is not None and self.epoch >= self.max_epochs))
 
-    def train_step(self, batch: Any) -> torch.Tensor:
+    def _inputs_targets(self, batch: Any) -> tuple[Any, Any]:
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise TypeError(f"a training batch must be (inputs, targets); the dataset gave {type(batch).__name__}"
                             f"{' of ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
-        inputs, targets = to_device(batch, self.device)
+        return to_device(batch, self.device)
+
+    def train_step(self, batch: Any) -> torch.Tensor:
+        inputs, targets = self._inputs_targets(batch)
         loss = self.loss_fn(self.ddp(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,6 +128,27 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         return loss.detach()
+
+    def settle_buckets(self, batch: Any) -> None:
+        """Fix DDP's gradient bucket layout before the first real step of this process.
+
+        DDP lays out its buckets again after the first backward of each process, in the order gradients became
+        ready. Without this, the first step after a resume would use the initial layout while the uninterrupted
+        run used the rebuilt one there; over more than 2 ranks an all-reduce adds each gradient in an order that
+        depends on where it sits in its bucket, so the resumed run would drift by an ulp. One throwaway
+        forward/backward (no optimizer step; RNG, buffers and gradients restored) makes every step of every
+        process use the rebuilt layout: resume is bitwise exact.
+        """
+        if self.info.world_size <= 2:  # a sum of two is the same in either order
+            return
+        inputs, targets = self._inputs_targets(batch)
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.loss_fn(self.ddp(inputs), targets).backward()
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        self.model.zero_grad(set_to_none=True)
 
     def position(self, batches: int, n_batches: int) -> Position:
         """Where training stands after `batches` of this epoch's `n_batches` (an ended epoch is the next one)."""
@@ -151,6 +175,8 @@ class Trainer:
             batches = 0
             n_batches = len(self.loader)
             for batch in self.loader:
+                if self.step == start_step:
+                    self.settle_buckets(batch)
                 running += self.train_step(batch)
                 if self.step == start_step:
                     self.progress.event("first_step", step=self.step + 1)

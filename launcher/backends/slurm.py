@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,11 +57,23 @@ def _sbatch_parameters(cfg: Any) -> dict[str, Any]:
     return params
 
 
+# SLURM may signal a task at any moment, even while its interpreter starts. Each node's task therefore starts
+# through this stub, which blocks SIGUSR2 and execs the real interpreter: the mask survives exec, so the signal
+# waits (pending) until the node task takes it (see hold_preemption_signal) instead of killing the task.
+_HOLD_USR2 = ("import os,signal,sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
+              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
+def held_python() -> str:
+    """The shell command that starts each node's task: this Python, with SIGUSR2 blocked from its first moment."""
+    return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(_HOLD_USR2)}"
+
+
 def _executor(cfg: Any, run_dir: str) -> Any:
     import submitit
 
     ex = submitit.SlurmExecutor(folder=os.path.join(run_dir, SUBMIT_DIR, "%j"),
-                                max_num_timeout=int(cfg.slurm.max_requeues))
+                                max_num_timeout=int(cfg.slurm.max_requeues), python=held_python())
     ex.update_parameters(**_sbatch_parameters(cfg))
     return ex
 
@@ -90,10 +103,11 @@ def standalone_sbatch(cfg: Any, run_dir: str, recipe_path: str) -> str:
         value = flags[key]
         lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={shlex.quote(str(value))}")
     lines += ["", "set -eo pipefail"] + list(params["setup"])
-    lines += ["", "# One task per node. Each finds the first node (scontrol show hostnames), derives the port from the",
-              "# job id, takes its node rank from SLURM_NODEID (expanded by each task, not here), runs torchrun's",
-              "# agent, and after a preemption signal the first node's task requeues the job.",
-              f"srun --kill-on-bad-exit=1 --unbuffered {shlex.quote(sys.executable)} -m launcher.backends.slurm "
+    lines += ["", "# One task per node, started with SIGUSR2 blocked until it can take it. Each finds the first node",
+              "# (scontrol show hostnames), derives the port from the job id, takes its node rank from SLURM_NODEID",
+              "# (expanded by each task, not here), runs torchrun's agent, and after a preemption signal the first",
+              "# node's task requeues the job.",
+              f"srun --kill-on-bad-exit=1 --unbuffered {held_python()} -m launcher.backends.slurm "
               f"{shlex.quote(run_dir)}", ""]
     return "\n".join(lines)
 
@@ -233,15 +247,43 @@ def _forward_to_children(signum: int) -> None:
                 pass
 
 
+def hold_preemption_signal(run_dir: str, env: SlurmEnv) -> None:
+    """Take SIGUSR2 for this node's task and its workers, however early it comes.
+
+    By default SIGUSR2 kills, and a worker needs a few seconds (importing torch) before its handler is in place.
+    So the signal is blocked here, before any worker exists: a blocked signal stays pending across fork and exec,
+    and each worker unblocks it once its handler is installed (`dist.StopRequest.install`). A thread of this task
+    receives the signals meant for it: it leaves a file that workers started later read (the signal came before
+    they existed), then passes the signal on to the workers in case SLURM signalled only this task.
+    """
+    stop_file = os.path.join(run_dir, "slurm", f"stop-requested-{env.job_id}-{env.restart_count}")
+    os.environ["LAUNCHER_STOP_FILE"] = stop_file  # read by dist.StopRequest.install
+    os.environ["LAUNCHER_PREEMPTIBLE"] = "1"
+
+    def on_signal(signum: int) -> None:
+        os.makedirs(os.path.dirname(stop_file), exist_ok=True)
+        with open(stop_file, "a"):
+            pass
+        _forward_to_children(signum)
+
+    def receive() -> None:
+        while True:
+            on_signal(signal.sigwait({signal.SIGUSR2}))
+
+    # The handler replaces submitit's instant requeue; it runs only if a thread started before this one takes it.
+    signal.signal(signal.SIGUSR2, lambda s, f: on_signal(s))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})  # threads started from here on inherit the mask
+    threading.Thread(target=receive, name="launcher-preemption-signal", daemon=True).start()
+
+
 def node_main(run_dir: str) -> int:
     """One node's task: rendezvous at the first node, run this node's processes, requeue after preemption."""
     env = SlurmEnv.from_environ()
+    hold_preemption_signal(run_dir, env)
     cfg = recipe.load_resolved(os.path.join(run_dir, "config.yaml"))
     check_allocation(env, cfg)
     hosts = nodelist.hostnames(env.nodelist)
     head, port = hosts[0], nodelist.port_for_job(env.job_id)
-    signal.signal(signal.SIGUSR2, lambda s, f: _forward_to_children(s))  # replaces submitit's instant requeue
-    os.environ["LAUNCHER_PREEMPTIBLE"] = "1"
     plan = local.plan(cfg, run_dir, rdzv_endpoint=f"{head}:{port}", node_rank=env.node_id,
                       run_id=f"slurm-{env.job_id}")
     print(f"launch: SLURM job {env.job_id} node {env.node_id}/{env.nnodes} ({hosts[env.node_id]}), rendezvous "
