@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import signal
 import socket
 from dataclasses import dataclass
@@ -73,12 +74,17 @@ def choose_device(kind: str = "auto") -> torch.device:
     return torch.device("cuda", info.local_rank)
 
 
-def init(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> RankInfo:
-    """Join the process group (NCCL on CUDA, gloo on CPU). Safe to call when already initialised."""
+def init(device: str | torch.device = "auto", timeout_s: float | None = None) -> RankInfo:
+    """Join the process group (NCCL on CUDA, gloo on CPU). Safe to call when already initialised.
+
+    `timeout_s` bounds every collective's wait for the other ranks; default: the recipe's
+    launch.collective_timeout_s (passed by the launcher), else 600 s."""
     info = rank_info()
     dev = device if isinstance(device, torch.device) else choose_device(device)
     if dist.is_initialized():
         return info
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("LAUNCHER_COLLECTIVE_TIMEOUT_S", 600))
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs: dict[str, Any] = {"timeout": timeout}
     if dev.type == "cuda":
@@ -89,6 +95,9 @@ def init(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> Rank
     if "MASTER_ADDR" not in os.environ:  # a plain `python train.py`: a group of one
         kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     dist.init_process_group(**kwargs)
+    global _CHECK_GROUP
+    if dist.get_world_size() > 1:  # made now: after a hang, no new group could be formed
+        _CHECK_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     if dist.get_rank() != info.rank or dist.get_world_size() != info.world_size:
         raise RuntimeError(
             f"process group disagrees with the environment: group rank {dist.get_rank()}/{dist.get_world_size()}, "
@@ -99,6 +108,8 @@ def init(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> Rank
 
 def teardown() -> None:
     """Leave the process group if one is up; always called from a `finally`."""
+    global _CHECK_GROUP
+    _CHECK_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         if not dist.is_initialized():
@@ -117,6 +128,44 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
+
+
+_CHECK_GROUP: Any = None  # a gloo group of every rank, used only to find ranks that stopped answering
+
+
+def is_timeout(e: BaseException) -> bool:
+    """Whether `e` is a collective that gave up waiting for another rank."""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def unresponsive_ranks(wait_s: float = 15.0) -> list[int] | None:
+    """After a collective timed out: every rank checks in on a group of its own; rank 0 learns which ranks did not
+    (a hung or far-behind rank). Returns those ranks on rank 0, [] when all answered, None when unknown."""
+    if _CHECK_GROUP is None:
+        return None
+    try:
+        dist.monitored_barrier(group=_CHECK_GROUP, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        return sorted(int(r) for r in m.group(1).replace(",", " ").split()) if m else None
+    return []
+
+
+def timeout_error(e: BaseException, where: str) -> RuntimeError:
+    """A one-line error for a collective timeout: where it happened and which ranks did not answer."""
+    limit = os.environ.get("LAUNCHER_COLLECTIVE_TIMEOUT_S", "?")
+    hung = unresponsive_ranks()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if hung:
+        who = (f"rank{'s' if len(hung) > 1 else ''} {', '.join(map(str, hung))} did not answer: hung or far behind "
+               f"(see logs/rank{hung[0]}.log)")
+    elif hung == [] and rank == 0:
+        who = "every rank answered a check afterwards: one was slower than the limit"
+    else:
+        who = "rank 0 coordinates the check; its log names the ranks that did not answer"
+    return RuntimeError(f"a collective timed out at {where} after {limit} s (launch.collective_timeout_s) on rank "
+                        f"{rank}: {who}; original error: {str(e).strip().splitlines()[0][:200]}")
 
 
 class StopRequest:

@@ -46,7 +46,14 @@ class LaunchSection:
     gpus_per_node: Optional[int] = doc(
         "Processes per node: one per GPU, or CPU processes when no GPU is present (`--gpus`, `--nproc-per-node`). "
         "Default: every visible GPU, or 1 on the CPU.", None)
-    max_restarts: int = doc("How many times the local agent restarts a failed worker group.", 0)
+    max_restarts: int = doc("How many times the agent restarts a failed worker group on this node (`--max-restarts`); "
+                            "training then resumes from the newest committed checkpoint.", 0)
+    rdzv_timeout_s: Optional[int] = doc(
+        "Seconds the nodes wait for each other at the rendezvous before the run fails, naming how many arrived. "
+        "Default: 300 plus 1 per node.", None)
+    collective_timeout_s: int = doc(
+        "Seconds a collective (gradient all-reduce, barrier, checkpoint agreement) may wait for a rank before the "
+        "run fails, naming the ranks that did not arrive and the step.", 600)
 
 
 @dataclass
@@ -90,6 +97,12 @@ class CheckpointSection:
     async_: bool = field(default=False, metadata={
         "doc": "Save in the background: training goes on while shards are written; commit after they are durable.",
         "key": "async"})
+    retries: int = doc("How many times a failed save is tried again (all ranks together, after 1, 2, 4... s) "
+                       "before it counts as failed. A full disk or a refused permission is not retried.", 3)
+    on_save_error: str = doc("What a failed periodic save does: 'stop' the run (exit 1) or 'continue' training with "
+                             "a warning and try again at the next save. The previous committed checkpoint stays "
+                             "intact either way; a failed save at the end of training or before a preemption "
+                             "always stops.", "stop")
     endpoint_url: Optional[str] = doc("S3-compatible endpoint (MinIO, Ceph, moto); default AWS or AWS_ENDPOINT_URL.",
                                       None)
 
@@ -536,6 +549,12 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
     positive("launch.nodes", allow_none=False)
     positive("launch.gpus_per_node")
     positive("launch.max_restarts", allow_none=False, minimum=0)
+    positive("launch.rdzv_timeout_s")
+    positive("launch.collective_timeout_s", allow_none=False)
+    positive("checkpoint.retries", allow_none=False, minimum=0)
+    if cfg.checkpoint.on_save_error not in ("stop", "continue"):
+        out.append(f"{at('checkpoint.on_save_error')}: checkpoint.on_save_error must be stop or continue, got "
+                   f"'{cfg.checkpoint.on_save_error}'")
     positive("data.batch_size", allow_none=False)
     positive("data.num_workers", allow_none=False, minimum=0)
     positive("data.prefetch_factor")

@@ -6,14 +6,16 @@ a Python float, the cross-rank mean) are taken only every `trainer.log_every_ste
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import torch.distributed as tdist
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -35,6 +37,18 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def process_start_time() -> float | None:
+    """Wall-clock time this process started (from /proc, to 10 ms), or None off Linux."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def seed_all(seed: int) -> None:
     import random
 
@@ -54,10 +68,46 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _ddp_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DDP reduces, in DDP's order (the indices of its bucket layout)."""
+    seen: set[int] = set()
+    out = []
+    for _, m in module.named_modules():
+        for _, p in m.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def fixed_bucket_layout(layout: list[list[int]] | None) -> Iterator[None]:
+    """Build DDP with this gradient bucket layout instead of its first-step one.
+
+    DDP lays its buckets out again after the first backward of each process, in the order gradients became ready.
+    A resumed process would otherwise take its first step with the initial layout where the interrupted run had
+    already switched; over more than 2 ranks an all-reduce adds each gradient in an order that depends on where it
+    sits in its bucket, and the resumed run would drift by an ulp. Starting from the saved layout (which the
+    rebuild then reproduces) makes resume bitwise exact. A layout that does not fit the model is ignored.
+    """
+    original = tdist._compute_bucket_assignment_by_size
+
+    def assign(tensors: list[torch.Tensor], limits: list[int], *args: Any, **kwargs: Any) -> Any:
+        if layout is None or sorted(i for b in layout for i in b) != list(range(len(tensors))):
+            return original(tensors, limits, *args, **kwargs)
+        return [list(b) for b in reversed(layout)], [max(limits)] * len(layout)  # DDP reverses the bucket list
+
+    tdist._compute_bucket_assignment_by_size = assign
+    try:
+        yield
+    finally:
+        tdist._compute_bucket_assignment_by_size = original
+
+
 class Trainer:
     """Owns the run's objects and the loop. Built on every rank from the same resolved recipe."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device, joined_at: float | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
@@ -72,7 +122,6 @@ class Trainer:
         seed_all(data_mod.derive_seed(cfg.seed, self.info.rank))  # per-rank streams from here on (dropout, noise)
         model.to(device)
         self.model = model
-        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = instantiate(cfg.optimizer, [p for p in model.parameters() if p.requires_grad],
                                      key="optimizer")
         self.scheduler = (instantiate(cfg.lr_scheduler, self.optimizer, key="lr_scheduler")
@@ -98,12 +147,23 @@ class Trainer:
         global_batch = int(cfg.data.batch_size) * self.info.world_size
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
         self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler)
+        self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout()}
+        self._layout: list[list[int]] | None = None
+        t_load = time.perf_counter()
         pos = self.ckpt.resume(cfg.resume)
+        load_s = time.perf_counter() - t_load
         if pos is not None:
             self.step, self.epoch, self.epoch_start = pos.step, pos.epoch, pos.sample_offset
+        # DDP comes after the resume: a resumed run lays out its gradient buckets as the interrupted one did.
+        with fixed_bucket_layout(pos.extras.get("ddp_buckets") if pos is not None else None):
+            self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         limits = [self.max_steps, self.max_epochs and self.max_epochs * len(self.loader)]
         total = min(x for x in limits if x) if any(limits) else None
         self.progress = Progress(run_dir, self.info.is_main, total, global_batch)
+        # When this attempt's milestones happened (bench/bench_recovery.py reads them after a restart).
+        self.progress.event("ready", restart=self.info.restart_count, process_start=process_start_time(),
+                            group_joined=joined_at, resumed_step=pos.step if pos is not None else None,
+                            load_s=round(load_s, 4))
         log.info("data: %d samples, %d per rank per epoch, batch %d per rank (%d global), %d loader workers",
                  len(dataset), len(self.sampler), cfg.data.batch_size, global_batch, cfg.data.num_workers)
 
@@ -129,26 +189,16 @@ class Trainer:
             self.scheduler.step()
         return loss.detach()
 
-    def settle_buckets(self, batch: Any) -> None:
-        """Fix DDP's gradient bucket layout before the first real step of this process.
-
-        DDP lays out its buckets again after the first backward of each process, in the order gradients became
-        ready. Without this, the first step after a resume would use the initial layout while the uninterrupted
-        run used the rebuilt one there; over more than 2 ranks an all-reduce adds each gradient in an order that
-        depends on where it sits in its bucket, so the resumed run would drift by an ulp. One throwaway
-        forward/backward (no optimizer step; RNG, buffers and gradients restored) makes every step of every
-        process use the rebuilt layout: resume is bitwise exact.
-        """
-        if self.info.world_size <= 2:  # a sum of two is the same in either order
-            return
-        inputs, targets = self._inputs_targets(batch)
-        buffers = [b.detach().clone() for b in self.model.buffers()]
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self.loss_fn(self.ddp(inputs), targets).backward()
-        with torch.no_grad():
-            for b, saved in zip(self.model.buffers(), buffers):
-                b.copy_(saved)
-        self.model.zero_grad(set_to_none=True)
+    def _bucket_layout(self) -> list[list[int]]:
+        """DDP's gradient buckets as lists of parameter indices, as the next step will use them (collective)."""
+        if self._layout is None:
+            self.ddp.reducer._rebuild_buckets()  # what the next forward would do: rebuild after the first backward
+            index = {id(p): i for i, p in enumerate(_ddp_parameters(self.model))}
+            layout = [[index[id(p)] for p in b.parameters()] for b in self.ddp.reducer._get_zeros_like_grad_buckets()]
+            if self.step > 0:  # the layout is final once a backward ran
+                self._layout = layout
+            return layout
+        return self._layout
 
     def position(self, batches: int, n_batches: int) -> Position:
         """Where training stands after `batches` of this epoch's `n_batches` (an ended epoch is the next one)."""
@@ -158,6 +208,14 @@ class Trainer:
         return Position(self.step, self.epoch, self.epoch_start + consumed)
 
     def fit(self) -> None:
+        try:
+            self._fit()
+        except Exception as e:
+            if dist.is_timeout(e):
+                raise dist.timeout_error(e, f"step {self.step + 1}") from e
+            raise
+
+    def _fit(self) -> None:
         t0 = time.perf_counter()
         every = self.log_every
         seed = int(self.cfg.seed)
@@ -175,8 +233,6 @@ class Trainer:
             batches = 0
             n_batches = len(self.loader)
             for batch in self.loader:
-                if self.step == start_step:
-                    self.settle_buckets(batch)
                 running += self.train_step(batch)
                 if self.step == start_step:
                     self.progress.event("first_step", step=self.step + 1)
@@ -208,7 +264,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         log.info("training done: %d steps, %d epochs in %.1f s", self.step, self.epoch, elapsed)
         if self.ckpt.at_end:
-            self.ckpt.save(self.position(batches, n_batches), "end of training")
+            self.ckpt.save(self.position(batches, n_batches), "end of training", final=True)
         self.ckpt.wait()
         self.progress.event("train_end", step=self.step, epoch=self.epoch)
         self.progress.close()
@@ -216,7 +272,7 @@ class Trainer:
     def _stop(self, pos: Position) -> None:
         """Every rank agreed to stop (a preemption signal): write one committed checkpoint, leave a marker."""
         log.warning("stop requested: checkpointing at step %d and exiting", pos.step)
-        self.ckpt.save(pos, "preemption signal")
+        self.ckpt.save(pos, "preemption signal", final=True)
         self.ckpt.wait()
         if self.info.is_main:
             marker = {"step": pos.step, "job_id": os.environ.get("SLURM_JOB_ID"),
@@ -240,8 +296,9 @@ def train(cfg: DictConfig, run_dir: str) -> None:
     """Everything a rank does for a recipe with the built-in trainer, after logging is set up."""
     device = dist.choose_device(cfg.trainer.device)
     info = dist.init(device)
+    joined_at = time.time()
     log.info("rank %d of %d (local rank %d of %d, node %d) on %s, device %s, backend %s", info.rank,
              info.world_size, info.local_rank, info.local_world_size, info.node_rank, info.host, device,
              torch.distributed.get_backend())
-    Trainer(cfg, run_dir, device).fit()
+    Trainer(cfg, run_dir, device, joined_at).fit()
     dist.barrier()  # every rank done before any tears down: no rank exits while a peer still talks to it

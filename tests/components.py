@@ -78,7 +78,8 @@ class FailingMLP(nn.Module):
 
 class KillableMLP(nn.Module):
     """An MLP with dropout that SIGKILLs its own rank once, at forward call KILL_AT_STEP on rank KILL_RANK, when
-    those variables are set and KILL_MARKER does not exist yet (it creates it). Otherwise a plain MLP."""
+    those variables are set and KILL_MARKER does not exist yet (it creates it); that sleeps for an hour at forward
+    call HANG_AT_STEP on rank HANG_RANK. Otherwise a plain MLP."""
 
     def __init__(self, in_features: int = 32, hidden: int = 16, out_features: int = 4, dropout: float = 0.1,
                  step_sleep: float = 0.0) -> None:
@@ -95,6 +96,9 @@ class KillableMLP(nn.Module):
                 and not os.path.exists(marker):
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("HANG_AT_STEP") == str(self.calls) and os.environ.get("RANK") == os.environ.get("HANG_RANK"):
+            import time
+            time.sleep(3600)  # a hung rank: its peers wait for it in the next collective
         if self.step_sleep:
             import time
             time.sleep(self.step_sleep)  # stands in for real work, so a test can act mid-training

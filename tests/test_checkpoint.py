@@ -235,3 +235,14 @@ def test_three_ranks_resume_bitwise(tmp_path):
     for k in ref_params:
         assert torch.equal(params[k], ref_params[k]), \
             f"final parameter {k} differs by {(params[k] - ref_params[k]).abs().max():.3g}"
+
+
+def test_killed_worker_restarts_group_and_resumes_exactly(tmp_path, store, reference):
+    kill = {"KILL_AT_STEP": "14", "KILL_RANK": "1", "KILL_MARKER": str(tmp_path / "killed")}
+    r = launch(tmp_path, store, "run", "--max-restarts", "1", env=kill)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "killed").exists(), "the rank was never killed"
+    log1 = (tmp_path / "run" / "logs" / "rank1.log").read_text()
+    assert "restart 0" in log1 and "restart 1" in log1, log1[-2000:]
+    assert re.search(r"resume: from \S+step-000000012: step 12", r.stdout), r.stdout
+    assert_matches(reference, tmp_path, store, "run")

@@ -18,6 +18,7 @@ from typing import Any
 from .. import hardware
 from ..errors import UsageError
 from ..monitor import log_path
+from . import rendezvous
 from .plan import Plan
 
 log = logging.getLogger("launcher")
@@ -59,7 +60,8 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         procs = 1 if procs is None else procs
         notes.append(f"no CUDA device: running {procs} process{'es' if procs != 1 else ''} per node on the CPU "
                      f"with gloo" if gpus == 0 else f"trainer.device=cpu: running {procs} CPU processes with gloo")
-    env: dict[str, str] = {"LAUNCHER_RUN_DIR": run_dir}
+    env: dict[str, str] = {"LAUNCHER_RUN_DIR": run_dir,
+                           "LAUNCHER_COLLECTIVE_TIMEOUT_S": str(int(launch.collective_timeout_s))}
     if "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
     else:
@@ -77,11 +79,16 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         run_id=run_id or (_stable_run_id(run_dir, rdzv_endpoint) if rdzv_endpoint else uuid.uuid4().hex[:12]),
         run_dir=run_dir,
         max_restarts=int(launch.max_restarts),
-        rdzv_timeout_s=900,
+        rdzv_timeout_s=int(launch.rdzv_timeout_s or rdzv_timeout_default(int(launch.nodes))),
         entrypoint=[sys.executable, "-m", "launcher.worker", run_dir],
         env=env,
         notes=notes,
     )
+
+
+def rdzv_timeout_default(nodes: int) -> int:
+    """Large jobs take longer to gather: 300 s plus 1 s per node."""
+    return 300 + nodes
 
 
 def run(p: Plan) -> int:
@@ -90,25 +97,56 @@ def run(p: Plan) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.update(p.env)
-    endpoint = "localhost:0" if p.rdzv_endpoint.startswith("localhost:0") else p.rdzv_endpoint
-    rdzv_configs: dict[str, Any] = {"timeout": p.rdzv_timeout_s}
+    # The agent's shared store outlives a restart of the group, and restarted workers then read the previous
+    # attempt's gloo addresses and fail to connect. A store of their own per attempt (hosted by rank 0) avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    single = p.rdzv_endpoint.startswith("localhost:0")
+    endpoint = "localhost:0" if single else p.rdzv_endpoint
+    # join_timeout: how long nodes wait for each other (c10d); timeout: the same for a static rendezvous;
+    # read_timeout: how long a node waits for the store at the endpoint to answer (torch's 60 s is too short when
+    # the host node starts late).
+    t = p.rdzv_timeout_s
+    rdzv_configs: dict[str, Any] = {"timeout": t, "join_timeout": t, "read_timeout": t}
     if p.node_rank is not None:
         rdzv_configs["rank"] = p.node_rank
+    local_addr = None
+    watch = None
+    if not single:
+        host, _, port = endpoint.rpartition(":")
+        local_addr = rendezvous.local_addr_towards(host, int(port))
+        if local_addr and "GLOO_SOCKET_IFNAME" not in os.environ:
+            ifname = rendezvous.interface_of(local_addr)
+            if ifname:  # gloo otherwise picks the interface its host name resolves to
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        if p.rdzv_backend == "c10d":
+            from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+            if not _matches_machine_hostname(host) and rendezvous.hosts_endpoint(host, int(port)):
+                rdzv_configs["is_host"] = True  # an address of a secondary interface, which torch does not see
+            watch = rendezvous.RendezvousWatch(host, int(port), p.run_id, p.nodes, t).start()
     config = LaunchConfig(
         min_nodes=p.nodes, max_nodes=p.nodes, nproc_per_node=p.procs_per_node, run_id=p.run_id,
         rdzv_backend=p.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
-        max_restarts=p.max_restarts, monitor_interval=0.1, start_method="spawn",
+        max_restarts=p.max_restarts, monitor_interval=0.1, start_method="spawn", local_addr=local_addr,
     )
     try:
         elastic_launch(config, entrypoint=p.entrypoint[0])(*p.entrypoint[1:])
     except ChildFailedError as e:
-        sys.stderr.write(failure_report(e.failures, p.run_dir))
+        sys.stderr.write(failure_report(e.failures, p.run_dir, restarts=p.max_restarts))
+        return 1
+    except RendezvousTimeoutError:
+        arrived = watch.arrived if watch else []
+        sys.stderr.write(f"launch: error: {rendezvous.missing_nodes_message(endpoint, p.nodes, t, arrived)}\n")
         return 1
     except SignalException as e:
         sys.stderr.write(f"launch: stopped by {signal.Signals(e.sigval).name}; workers were shut down\n")
         return 128 + int(e.sigval)
+    finally:
+        if watch is not None:
+            watch.stop()
     return 0
 
 
@@ -123,12 +161,14 @@ def _stable_run_id(run_dir: str, endpoint: str) -> str:
     return hashlib.sha1(f"{os.path.basename(run_dir)}@{endpoint}".encode()).hexdigest()[:12]
 
 
-def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12) -> str:
+def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12,
+                   restarts: int = 0) -> str:
     """A plain report of failed ranks, first failure first: rank, host, exit code or signal, message, log."""
     host = host or socket.gethostname()
     ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp or 0, kv[0]))
+    after = f", after {restarts} restart{'s' if restarts != 1 else ''} (launch.max_restarts)" if restarts else ""
     out = [f"launch: {len(ordered)} rank{'s' if len(ordered) != 1 else ''} failed "
-           f"(first failure first)\n"]
+           f"(first failure first){after}\n"]
     for rank, f in ordered:
         if f.exitcode < 0:
             try:

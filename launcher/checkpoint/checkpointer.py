@@ -11,18 +11,20 @@ names the file and the problem) and broadcasts its choice, so all ranks load the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .. import __version__, dist, faults
@@ -52,6 +54,7 @@ class Position:
     step: int = 0
     epoch: int = 0
     sample_offset: int = 0
+    extras: dict = field(default_factory=dict)  # what the trainer stored beside (DDP's bucket layout)
 
 
 class Checkpointer:
@@ -68,8 +71,10 @@ class Checkpointer:
         self.use_async: bool = c.async_
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.hash = recipe_hash(cfg)
+        self.extras: Callable[[], dict] | None = None  # plain data the trainer keeps in every checkpoint
         self.resumed_from: str | None = None
         self.last_step: int | None = None  # step of the newest checkpoint this run committed or resumed from
+        self.committed_step: int | None = None  # the same, but only once it is committed
         self.last_time = time.monotonic()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -116,22 +121,60 @@ class Checkpointer:
         return self.every_s is not None and time.monotonic() - self.last_time >= self.every_s
 
     # ------------------------------------------------------------------ save
-    def save(self, pos: Position, reason: str) -> None:
-        """Write and commit a checkpoint of the current state at `pos` (collective: every rank calls it)."""
-        self.wait()
+    def save(self, pos: Position, reason: str, final: bool = False) -> bool:
+        """Write and commit a checkpoint of the current state at `pos` (collective: every rank calls it).
+
+        A failed write is tried again `checkpoint.retries` times, every rank together. When it still fails, every
+        rank learns it at the same point: with `checkpoint.on_save_error: continue` (and not `final`, the last
+        chance to save) this logs a warning and returns False; otherwise it raises CheckpointError. The previous
+        committed checkpoint is never touched by a failed save."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            if not self._tolerate(e, final):
+                raise
         if self.last_step == pos.step:
-            return
+            return True
+        previous = self.last_step
+        try:
+            self._save(pos, reason)
+            return True
+        except CheckpointError as e:
+            self.last_step = previous
+            if self._tolerate(e, final):
+                return False
+            raise
+
+    def _tolerate(self, e: CheckpointError, final: bool) -> bool:
+        if final or self.cfg.checkpoint.on_save_error != "continue":
+            return False
+        if self.info.is_main:
+            log.warning("CHECKPOINT NOT SAVED: %s. Training goes on (checkpoint.on_save_error=continue); the next "
+                        "save is tried at the usual interval", e)
+        return True
+
+    def _intact(self) -> str:
+        newest = self.committed_step
+        return (f"the previous committed checkpoint (step {newest}) is intact" if newest is not None
+                else "no earlier checkpoint of this run was committed")
+
+    def _save(self, pos: Position, reason: str) -> None:
         name = layout.step_dir(pos.step)
         path = self.storage.join(name)
+        problem, clash = None, False
         if self.info.is_main:
-            self.storage.makedirs(self.storage.root)
-            stale = layout.inspect(self.storage, name) if self.storage.list_files(path) else None
-            if stale is not None and not stale.committed:
-                self.storage.remove_tree(path)  # leftovers of a save that never committed
-            clash = stale is not None and stale.committed
-        else:
-            clash = False
-        if _broadcast(clash, None):
+            try:
+                self.storage.makedirs(self.storage.root)
+                stale = layout.inspect(self.storage, name) if self.storage.list_files(path) else None
+                if stale is not None and not stale.committed:
+                    self.storage.remove_tree(path)  # leftovers of a save that never committed
+                clash = stale is not None and stale.committed
+            except OSError as e:
+                problem = f"preparing {path} failed: {e}"
+        problem, clash = _broadcast((problem, clash), None)  # every rank learns what rank 0 found
+        if problem:
+            raise CheckpointError(f"checkpoint {path} was not saved: {problem}; {self._intact()}")
+        if clash:
             raise CheckpointError(f"{path} already holds a committed checkpoint from another run; it is never "
                                   f"overwritten. Point checkpoint.dir at a new directory.")
         dist.barrier()
@@ -159,8 +202,26 @@ class Checkpointer:
             self._thread = threading.Thread(target=finish, name="checkpoint-commit", daemon=True)
             self._thread.start()
             return
-        metadata = dcp.save(state, storage_writer=dcp_io.writer(self.storage, path))
-        self._commit(name, path, per_rank, train_state, metadata, t0, reason, group=None)
+        retries = int(self.cfg.checkpoint.retries)
+        for attempt in range(retries + 1):
+            try:
+                faults.point("save.before_shards", pos.step, self.info.rank)
+                metadata = dcp.save(state, storage_writer=dcp_io.writer(self.storage, path))
+                self._commit(name, path, per_rank, train_state, metadata, t0, reason, group=None)
+                return
+            except (CheckpointException, CheckpointError) as e:  # raised on every rank together
+                cause = _first_failure(e)
+                permanent = _permanent(e)
+                if attempt == retries or permanent:
+                    tries = f" after {attempt + 1} tries" if attempt else ""
+                    why = " (not retried: it will not go away by itself)" if permanent and retries else ""
+                    raise CheckpointError(f"checkpoint {path} was not saved{tries}: {cause}{why}; "
+                                          f"{self._intact()}") from e
+                delay = min(2 ** attempt, 30)
+                if self.info.is_main:
+                    log.warning("checkpoint %s: write failed (%s); trying again in %d s (retry %d of %d)", name,
+                                cause, delay, attempt + 1, retries)
+                time.sleep(delay)
 
     def wait(self) -> None:
         """Block until a background save has committed (or raise its error)."""
@@ -176,7 +237,8 @@ class Checkpointer:
                  "world_size": self.info.world_size, "batch_size": int(self.cfg.data.batch_size),
                  "recipe_hash": self.hash, "launcher_version": __version__, "saved_at": time.time(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "extras": self.extras() if self.extras is not None else {}}
         try:
             json.dumps(state)
         except TypeError as e:
@@ -198,12 +260,15 @@ class Checkpointer:
             outcome = self._verify_and_write_manifest(name, path, reports, train_state, metadata)
         outcome = _broadcast(outcome, group)
         if outcome["problem"]:
-            raise CheckpointError(f"checkpoint {path} was not committed: {outcome['problem']}; the previous "
-                                  f"committed checkpoint is intact")
+            raise CheckpointError(f"checkpoint {path} was not committed: {outcome['problem']}")
         log.info("checkpoint %s committed (%s): step %d, %.1f MB in %.2f s", path, reason, train_state["step"],
                  outcome["bytes"] / 1e6, time.perf_counter() - t0)
+        self.committed_step = train_state["step"]
         if self.info.is_main:
-            self._retain()
+            try:
+                self._retain()
+            except OSError as e:  # the new checkpoint is committed; old ones stay until a later save
+                log.warning("checkpoint retention: could not remove an old checkpoint: %s", e)
 
     def _verify_and_write_manifest(self, name: str, path: str, reports: list[dict], train_state: dict,
                                    metadata: Any) -> dict[str, Any]:
@@ -332,9 +397,10 @@ class Checkpointer:
         if train_state.get("recipe_hash") != self.hash and self.info.is_main:
             log.warning("resume: the recipe's model, data or optimizer settings differ from the ones %s was "
                         "written with (recipe hash %s, now %s)", path, train_state.get("recipe_hash"), self.hash)
-        pos = Position(int(train_state["step"]), int(train_state["epoch"]), int(train_state["sample_offset"]))
+        pos = Position(int(train_state["step"]), int(train_state["epoch"]), int(train_state["sample_offset"]),
+                       train_state.get("extras") or {})
         self.resumed_from = path
-        self.last_step = pos.step
+        self.last_step = self.committed_step = pos.step
         log.info("resume: from %s: step %d, epoch %d, sample %d of the epoch", path, pos.step, pos.epoch,
                  pos.sample_offset)
         return pos
@@ -356,6 +422,36 @@ class Checkpointer:
         if problems:
             raise CheckpointError(f"checkpoint {path} does not fit this model (was the recipe's model changed?): "
                                   + "; ".join(problems))
+
+
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _failures(e: BaseException) -> list[tuple[int | None, BaseException]]:
+    """(rank, exception) for each rank's failure inside DCP's CheckpointException, else the error itself."""
+    if isinstance(e, CheckpointException):
+        out = []
+        for rank, failure in sorted(e.failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            out.append((rank, exc))
+        return out
+    return [(None, e)]
+
+
+def _first_failure(e: BaseException) -> str:
+    rank, exc = _failures(e)[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"rank {rank}: {type(exc).__name__}: {text}" if rank is not None else text
+
+
+def _permanent(e: BaseException) -> bool:
+    """A failure retrying cannot fix: a full disk, a quota, a refused permission, a read-only file system."""
+    for _, exc in _failures(e):
+        while exc is not None:
+            if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+                return True
+            exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _all_gather(obj: Any, group: Any) -> list[Any]:

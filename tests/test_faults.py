@@ -1,0 +1,140 @@
+"""The faults a long run meets, with the real `launch` command and real gloo process groups: a node that never
+arrives, a rank that hangs inside a collective, a rank that keeps dying, an S3 endpoint that goes away during a
+save (moto's server, stopped and restarted), a disk that fills (a small tmpfs)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LAUNCH, launch_env, run_launch
+from s3 import free_port
+
+RECIPE = """\
+seed: 3
+model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4}
+data:
+  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 256}
+  batch_size: 16
+  num_workers: 0
+trainer: {max_steps: 12, log_every_steps: 1}
+checkpoint: {every_steps: 4, keep: 0}
+"""
+
+
+def recipe(tmp_path: Path, text: str = RECIPE) -> str:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_missing_node_fails_after_the_timeout_saying_who_arrived(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = run_launch(recipe(tmp_path), "--nodes", "2", "--gpus", "1", "--rdzv-endpoint", endpoint,
+                   "launch.rdzv_timeout_s=6", "--run-dir", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr
+    assert f"launch: rendezvous at {endpoint}: 1 of 2 nodes here (127.0.0.1 (pid " in r.stderr, r.stderr
+    assert re.search(rf"launch: error: the rendezvous at {endpoint} timed out after 6 s: 1 of 2 nodes arrived "
+                     rf"\(127\.0\.0\.1 \(pid \d+\)\)\. Check that every node runs the same command", r.stderr), r.stderr
+    assert "launch.rdzv_timeout_s" in r.stderr and "Traceback" not in r.stderr
+    assert took < 60, f"gave up after {took:.0f} s, not after the 6 s timeout"
+
+
+def test_rank_hanging_in_a_collective_becomes_a_report(tmp_path):
+    t0 = time.monotonic()
+    r = run_launch(recipe(tmp_path), "--gpus", "2", "launch.collective_timeout_s=5", "--run-dir",
+                   str(tmp_path / "run"), cwd=tmp_path, env=launch_env(HANG_AT_STEP="6", HANG_RANK="1"),
+                   timeout=180)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"a collective timed out at step 6 after 5 s \(launch.collective_timeout_s\) on rank 0: "
+                     r"rank 1 did not answer: hung or far behind", r.stderr), r.stderr
+    assert "rank 0 (local rank 0" in r.stderr and "rank0.log" in r.stderr
+    assert took < 120, f"the hang took {took:.0f} s to end"
+
+
+def test_rank_that_keeps_dying_exhausts_restarts_and_is_named(tmp_path):
+    text = RECIPE.replace("components.KillableMLP, in_features: 32, hidden: 16, out_features: 4",
+                          "components.FailingMLP, step: 3, rank: 1, mode: kill")
+    r = run_launch(recipe(tmp_path, text), "--gpus", "2", "--max-restarts", "1", "--run-dir", str(tmp_path / "run"),
+                   cwd=tmp_path, timeout=180)
+    assert r.returncode == 1
+    assert "failed (first failure first), after 1 restart (launch.max_restarts)" in r.stderr, r.stderr
+    assert re.search(r"rank 1 \(local rank 1, pid \d+\) on host \S+: killed by signal SIGKILL", r.stderr), r.stderr
+    assert str(tmp_path / "run" / "logs" / "rank1.log") in r.stderr
+    log1 = (tmp_path / "run" / "logs" / "rank1.log").read_text()
+    assert "restart 0" in log1 and "restart 1" in log1, "the group was not restarted once"
+
+
+SLOW = RECIPE.replace("out_features: 4}", "out_features: 4, step_sleep: 0.15}").replace("max_steps: 12", "max_steps: 24")
+
+
+def test_s3_down_during_a_save_all_ranks_go_on_and_later_saves_commit(tmp_path):
+    """The endpoint stops while rank 0 is about to write step 8: the save fails on every rank together after its
+    retries, training goes on (on_save_error=continue), the endpoint comes back, later checkpoints commit."""
+    from s3 import S3Server
+    server = S3Server().start()
+    try:
+        server.make_bucket("ckpt")
+        reached = tmp_path / "saving"
+        url = "s3://ckpt/run"
+        # botocore's own retries of a refused connection take ~20 s per try at its defaults; one attempt each here
+        env = launch_env(**server.env(), LAUNCHER_FAULT=f"save.before_shards:8:0:{reached}", AWS_MAX_ATTEMPTS="1",
+                         AWS_RETRY_MODE="standard")
+        proc = subprocess.Popen([LAUNCH, recipe(tmp_path, SLOW), "--gpus", "2", "--run-dir", str(tmp_path / "run"),
+                                 f"checkpoint.dir={url}", "checkpoint.retries=1", "checkpoint.on_save_error=continue"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not reached.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        server.stop()
+        log0 = tmp_path / "run" / "logs" / "rank0.log"
+        while "CHECKPOINT NOT SAVED" not in log0.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        server.restart()
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out + err
+        text = log0.read_text()
+        assert re.search(r"checkpoint step-000000008: write failed \(.+\); trying again in 1 s \(retry 1 of 1\)",
+                         text), text
+        assert re.search(r"CHECKPOINT NOT SAVED: checkpoint s3://ckpt/run/step-000000008 was not saved after 2 "
+                         r"tries: .+; the previous committed checkpoint \(step 4\) is intact", text), text
+        listing = run_launch("ckpt", "ls", url, cwd=tmp_path, env=launch_env(**server.env())).stdout
+        assert re.search(r"^ +24 .*committed, latest$", listing, re.M), listing
+        assert re.search(r"^ +4 .*committed$", listing, re.M) and not re.search(r"^ +8 ", listing, re.M), listing
+    finally:
+        server.stop()
+
+
+def test_disk_full_during_a_save_stops_and_keeps_the_last_checkpoint(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], check=True)
+    try:
+        r = run_launch(recipe(tmp_path, RECIPE.replace("max_steps: 12", "max_steps: 400")), "--gpus", "2",
+                       "--run-dir", str(tmp_path / "run"), f"checkpoint.dir={disk}/ck", cwd=tmp_path, timeout=300)
+        assert r.returncode == 1, r.stdout + r.stderr
+        m = re.search(r"checkpoint \S+/step-(\d+) was not saved: rank \d: \w+: \[Errno 28\] No space left on device"
+                      r".*\(not retried: it will not go away by itself\); the previous committed checkpoint "
+                      r"\(step (\d+)\) is intact", r.stderr)
+        assert m, r.stderr
+        failed, kept = int(m.group(1)), int(m.group(2))
+        assert kept == failed - 4 and kept >= 4
+        listing = run_launch("ckpt", "ls", f"{disk}/ck", cwd=tmp_path).stdout
+        assert re.search(rf"\b{kept} .*committed, latest", listing), listing
+        out = tmp_path / "kept.pt"
+        exp = run_launch("ckpt", "export", f"{disk}/ck/step-{kept:09d}", str(out), cwd=tmp_path)
+        assert exp.returncode == 0, exp.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -1,0 +1,96 @@
+"""Two hosts without SLURM: two network namespaces joined by a veth link, each with its own address, one `launch`
+in each (2 processes per host), gloo traffic over the link. The test creates and removes the namespaces itself and
+sends traffic only inside them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import LAUNCH, launch_env, run_launch
+from s3 import free_port
+
+RECIPE = """\
+seed: 5
+model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4, dropout: 0.2}
+data:
+  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 256}
+  batch_size: 16
+  num_workers: 0
+trainer: {max_steps: 10, log_every_steps: 1}
+checkpoint: {every_steps: 1000, keep: 0}
+"""
+
+
+def ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
+
+
+@pytest.fixture
+def two_hosts():
+    """[(namespace, address), (namespace, address)] on a private /24, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if not shutil.which("ip"):
+        pytest.skip("the ip command (Debian's iproute2) is missing")
+    tag = f"{os.getpid() % 100000}"
+    hosts = [(f"lnch{tag}a", "10.231.7.1"), (f"lnch{tag}b", "10.231.7.2")]
+    veths = [f"lv{tag}a", f"lv{tag}b"]
+    try:
+        for ns, _ in hosts:
+            ip("netns", "add", ns)
+        ip("link", "add", veths[0], "type", "veth", "peer", "name", veths[1])
+        for (ns, addr), dev in zip(hosts, veths):
+            ip("link", "set", dev, "netns", ns)
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield hosts
+    finally:
+        for ns, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def export(tmp_path, ckpt, name):
+    out = tmp_path / f"{name}.pt"
+    r = run_launch("ckpt", "export", str(ckpt), str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return torch.load(out, weights_only=True)
+
+
+def test_two_hosts_train_like_one_host_with_four_processes(tmp_path, two_hosts):
+    recipe = tmp_path / "exp.yaml"
+    recipe.write_text(RECIPE)
+    endpoint = f"{two_hosts[0][1]}:{free_port()}"
+    run_dir = tmp_path / "run"
+    procs = []
+    for ns, _ in two_hosts:
+        cmd = ["ip", "netns", "exec", ns, LAUNCH, str(recipe), "--nodes", "2", "--gpus", "2", "--rdzv-endpoint",
+               endpoint, "--run-dir", str(run_dir), "launch.rdzv_timeout_s=60"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err
+    for rank in range(4):
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank} of 4" in text, text[:400]
+    nodes_of = {}
+    for rank in range(4):  # the c10d rendezvous numbers the nodes; each node holds 2 consecutive ranks
+        line = next(ln for ln in (run_dir / "logs" / f"rank{rank}.log").read_text().splitlines()
+                    if "worker start:" in ln)
+        nodes_of[rank] = line.split(" node ")[1].split()[0]
+    assert nodes_of[0] == nodes_of[1] != nodes_of[2] == nodes_of[3], nodes_of
+
+    one = tmp_path / "one"
+    r = run_launch(str(recipe), "--gpus", "4", "--run-dir", str(one), cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr
+    two_hosts_params = export(tmp_path, run_dir / "checkpoints" / "step-000000010", "two")
+    one_host_params = export(tmp_path, one / "checkpoints" / "step-000000010", "one")
+    for k in one_host_params:
+        assert torch.equal(two_hosts_params[k], one_host_params[k]), f"{k} differs from the single-host run"
