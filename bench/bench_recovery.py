@@ -8,7 +8,7 @@ SIGKILLs rank 1. The time from the kill to the first step after the restart is s
   detect + restart   kill -> the new worker process starts (the agent notices, stops the survivors, re-rendezvous,
                      spawns)
   start-up           process start -> process group joined (Python and torch imports, worker rendezvous)
-  checkpoint load    reading and loading the newest committed checkpoint (model 8.4 M parameters + AdamW state)
+  checkpoint load    reading and loading the newest committed checkpoint (model 9.0 M parameters + AdamW state)
   first step         from there to the end of the first step (DDP, loader start, one step)
 """
 

@@ -126,6 +126,33 @@ def build_loader(data_cfg: Any, dataset: Dataset, *, seed: int, info: RankInfo |
                       generator=generator, **kwargs)
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation order: rank r takes samples r, r + world, r + 2 world, ... of the dataset, in order. No sample is
+    padded or repeated, so sums over ranks count each sample once (ranks may differ by one sample)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        self.n, self.world, self.rank = len(dataset), num_replicas, rank  # type: ignore[arg-type]
+
+    def __iter__(self) -> Any:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def build_eval_loader(data_cfg: Any, dataset: Dataset, *, info: RankInfo | None = None,
+                      pin_memory: bool = False) -> DataLoader:
+    """The per-rank DataLoader for validation: this rank's disjoint share, in order, in full."""
+    info = info or rank_info()
+    kwargs: dict[str, Any] = {}
+    if data_cfg.collate_fn:
+        kwargs["collate_fn"] = imports.locate(data_cfg.collate_fn)
+    pin = pin_memory if data_cfg.pin_memory is None else bool(data_cfg.pin_memory)
+    return DataLoader(dataset, batch_size=int(data_cfg.val_batch_size or data_cfg.batch_size),
+                      sampler=ShardSampler(dataset, info.world_size, info.rank), num_workers=int(data_cfg.num_workers),
+                      pin_memory=pin, worker_init_fn=seed_loader_worker, **kwargs)
+
+
 def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
                         drop_last: bool = False) -> DistributedSampler:
     """Public API for your own scripts: this rank's sampler; call `set_epoch(epoch)` every epoch."""

@@ -106,6 +106,14 @@ class Progress:
         lr_text = f" | lr {lr:.3g}" if lr is not None else ""
         log.info("step %d%s | epoch %d | loss %.4f%s | %.0f samples/s", step, total, epoch, loss, lr_text, rate)
 
+    def record_validation(self, step: int, epoch: int, metrics: dict[str, float], samples: int) -> None:
+        """One row per validation in <run dir>/validation.jsonl."""
+        if not self.enabled:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "validation.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, **metrics, "samples": samples, "time": time.time()})
+                    + "\n")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -71,6 +71,9 @@ class DataSection:
     num_workers: int = doc("DataLoader worker processes per rank.", 2)
     pin_memory: Optional[bool] = doc("Pin host memory for faster copies to the GPU. Default: on with CUDA.", None)
     drop_last: bool = doc("Drop each rank's last incomplete batch.", False)
+    val: Component = doc("A validation dataset: {_target_: ..., **kwargs}; each rank evaluates a disjoint share "
+                         "(no padding), and metrics are reduced over the true sample count.", None)
+    val_batch_size: Optional[int] = doc("Validation batch size per rank. Default: batch_size.", None)
     persistent_workers: bool = doc("Keep DataLoader workers alive between epochs (when num_workers > 0).", True)
     prefetch_factor: Optional[int] = doc("Batches each worker loads ahead (needs num_workers > 0).", None)
     collate_fn: Optional[str] = doc("Import path of a collate function; default torch's.", None)
@@ -83,6 +86,17 @@ class TrainerSection:
     log_every_steps: int = doc("Print and record progress every N steps.", 10)
     grad_clip_norm: Optional[float] = doc("Clip the global gradient norm to this value.", None)
     device: str = doc("auto (CUDA when present, else CPU), cuda or cpu.", "auto")
+    precision: str = doc("fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, kept in checkpoints).",
+                         "fp32")
+    val_every_steps: Optional[int] = doc("Validate every N optimizer steps (needs data.val).", None)
+    val_every_epochs: Optional[int] = doc("Validate at the end of every N epochs (needs data.val).", 1)
+    monitor: str = doc("The validation metric that decides the best checkpoints and early stopping: val/loss, or "
+                       "val/accuracy (classifiers: logits [N, C] and integer targets [N]).", "val/loss")
+    monitor_mode: str = doc("min or max: whether a smaller or a larger `monitor` is better.", "min")
+    early_stop_patience: Optional[int] = doc("Stop when `monitor` has not improved for this many validations.",
+                                             None)
+    grad_accum_steps: int = doc("Micro-batches per optimizer step; gradients are synchronised only on the last "
+                                "(DDP no_sync). Effective batch = batch_size x world size x this.", 1)
 
 
 @dataclass
@@ -94,6 +108,8 @@ class CheckpointSection:
                                          "steps).", 30.0)
     at_end: bool = doc("Save when training ends.", True)
     keep: int = doc("How many of the newest committed checkpoints to keep (0 keeps all).", 3)
+    keep_best: int = doc("Also keep the k best checkpoints by trainer.monitor; a checkpoint is saved at every "
+                         "validation when k > 0.", 0)
     async_: bool = field(default=False, metadata={
         "doc": "Save in the background: training goes on while shards are written; commit after they are durable.",
         "key": "async"})
@@ -561,6 +577,27 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
     positive("trainer.max_steps")
     positive("trainer.max_epochs")
     positive("trainer.log_every_steps", allow_none=False)
+    positive("trainer.grad_accum_steps", allow_none=False)
+    positive("trainer.val_every_steps")
+    positive("trainer.val_every_epochs")
+    positive("trainer.early_stop_patience")
+    positive("data.val_batch_size")
+    positive("checkpoint.keep_best", allow_none=False, minimum=0)
+    if cfg.trainer.monitor_mode not in ("min", "max"):
+        out.append(f"{at('trainer.monitor_mode')}: trainer.monitor_mode must be min or max, got "
+                   f"'{cfg.trainer.monitor_mode}'")
+    if cfg.trainer.monitor not in ("val/loss", "val/accuracy"):
+        out.append(f"{at('trainer.monitor')}: trainer.monitor must be val/loss or val/accuracy, got "
+                   f"'{cfg.trainer.monitor}'")
+    if cfg.data.val is None:
+        for key, value in (("checkpoint.keep_best", cfg.checkpoint.keep_best),
+                           ("trainer.early_stop_patience", cfg.trainer.early_stop_patience),
+                           ("trainer.val_every_steps", cfg.trainer.val_every_steps)):
+            if value:
+                out.append(f"{at(key)}: {key} needs a validation set: add data.val: {{_target_: ...}}")
+    if cfg.trainer.precision not in ("fp32", "bf16", "fp16"):
+        out.append(f"{at('trainer.precision')}: trainer.precision must be fp32, bf16 or fp16, got "
+                   f"'{cfg.trainer.precision}'")
     if cfg.data.prefetch_factor is not None and cfg.data.num_workers == 0:
         out.append(f"{at('data.prefetch_factor')}: data.prefetch_factor needs data.num_workers > 0")
     if cfg.trainer.grad_clip_norm is not None and cfg.trainer.grad_clip_norm <= 0:

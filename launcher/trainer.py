@@ -113,6 +113,7 @@ class Trainer:
         self.device = device
         self.info = dist.rank_info()
 
+        t_cfg = cfg.trainer
         seed_all(cfg.seed)  # identical on every rank: same initial weights
         model = instantiate(cfg.model, key="model")
         n_params = sum(p.numel() for p in model.parameters())
@@ -126,6 +127,11 @@ class Trainer:
                                      key="optimizer")
         self.scheduler = (instantiate(cfg.lr_scheduler, self.optimizer, key="lr_scheduler")
                           if cfg.lr_scheduler is not None else None)
+        self.precision = str(t_cfg.precision)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.accum = int(t_cfg.grad_accum_steps)
         self.loss_fn = instantiate(cfg.loss, key="loss")
         if isinstance(self.loss_fn, torch.nn.Module):
             self.loss_fn.to(device)
@@ -144,16 +150,27 @@ class Trainer:
         self.log_every = int(t.log_every_steps)
         # Under SLURM a preemption signal may come at any step: agree on it every step (a one-float all-reduce).
         self.stop_every_step = os.environ.get("LAUNCHER_PREEMPTIBLE") == "1"
-        global_batch = int(cfg.data.batch_size) * self.info.world_size
+        global_batch = int(cfg.data.batch_size) * self.info.world_size * self.accum
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
-        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler)
-        self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout()}
+        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler, self.scaler)
+        self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout(), "monitor": self.watch}
         self._layout: list[list[int]] | None = None
+        # Validation, the monitored metric's best value so far and how many validations since it improved.
+        self.val_loader = (data_mod.build_eval_loader(cfg.data, instantiate(cfg.data.val, key="data.val"),
+                                                      info=self.info, pin_memory=device.type == "cuda")
+                           if cfg.data.val is not None else None)
+        self.val_every_steps: int | None = t_cfg.val_every_steps
+        self.val_every_epochs: int | None = t_cfg.val_every_epochs
+        self.monitor, self.mode = str(t_cfg.monitor), str(t_cfg.monitor_mode)
+        self.patience: int | None = t_cfg.early_stop_patience
+        self.watch: dict[str, Any] = {"best": None, "best_step": None, "since_best": 0}
+        self.early_stopped = False
         t_load = time.perf_counter()
         pos = self.ckpt.resume(cfg.resume)
         load_s = time.perf_counter() - t_load
         if pos is not None:
             self.step, self.epoch, self.epoch_start = pos.step, pos.epoch, pos.sample_offset
+            self.watch.update(pos.extras.get("monitor") or {})
         # DDP comes after the resume: a resumed run lays out its gradient buckets as the interrupted one did.
         with fixed_bucket_layout(pos.extras.get("ddp_buckets") if pos is not None else None):
             self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -165,10 +182,14 @@ class Trainer:
                             group_joined=joined_at, resumed_step=pos.step if pos is not None else None,
                             load_s=round(load_s, 4))
         log.info("data: %d samples, %d per rank per epoch, batch %d per rank (%d global), %d loader workers",
-                 len(dataset), len(self.sampler), cfg.data.batch_size, global_batch, cfg.data.num_workers)
+                 len(dataset), len(self.sampler), cfg.data.batch_size, global_batch // self.accum,
+                 cfg.data.num_workers)
+        if self.accum > 1 or self.precision != "fp32":
+            log.info("effective batch %d (%d per rank x %d ranks x %d accumulation steps), precision %s",
+                     global_batch, cfg.data.batch_size, self.info.world_size, self.accum, self.precision)
 
     def _done(self) -> bool:
-        return ((self.max_steps is not None and self.step >= self.max_steps)
+        return (self.early_stopped or (self.max_steps is not None and self.step >= self.max_steps)
                 or (self.max_epochs is not None and self.epoch >= self.max_epochs))
 
     def _inputs_targets(self, batch: Any) -> tuple[Any, Any]:
@@ -177,17 +198,36 @@ class Trainer:
                             f"{' of ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
         return to_device(batch, self.device)
 
-    def train_step(self, batch: Any) -> torch.Tensor:
+    def micro_step(self, batch: Any, share: float, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch whose loss counts `share` of the step's; gradients are
+        all-reduced only when `sync` (the last micro-batch of an accumulation group)."""
         inputs, targets = self._inputs_targets(batch)
-        loss = self.loss_fn(self.ddp(inputs), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = self.loss_fn(self.ddp(inputs), targets)
+            scaled = loss.float() * share if share != 1.0 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self) -> None:
         if self.clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, batch: Any) -> torch.Tensor:
+        """One optimizer step on one batch (no accumulation)."""
+        loss = self.micro_step(batch, 1.0, sync=True)
+        self.optimizer_step()
+        return loss
 
     def _bucket_layout(self) -> list[list[int]]:
         """DDP's gradient buckets as lists of parameter indices, as the next step will use them (collective)."""
@@ -199,6 +239,65 @@ class Trainer:
                 self._layout = layout
             return layout
         return self._layout
+
+    def validate(self) -> dict[str, float]:
+        """Loss (and accuracy, for classifiers) over the whole validation set: each rank sums over its disjoint
+        share, the sums are added over ranks, then divided by the true number of samples."""
+        assert self.val_loader is not None
+        was_training = self.model.training
+        self.model.eval()
+        # loss x samples, correct predictions, samples, ranks that cannot count accuracy
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for batch in self.val_loader:
+                inputs, targets = self._inputs_targets(batch)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out = self.model(inputs)
+                    loss = self.loss_fn(out, targets)
+                n = targets.shape[0] if isinstance(targets, torch.Tensor) and targets.ndim > 0 else 1
+                sums[0] += loss.double() * n
+                sums[2] += n
+                if (isinstance(out, torch.Tensor) and out.ndim == 2 and isinstance(targets, torch.Tensor)
+                        and targets.ndim == 1 and not targets.is_floating_point()):
+                    sums[1] += (out.argmax(dim=1) == targets).sum().double()
+                else:
+                    sums[3] = 1
+        if torch.distributed.is_initialized() and self.info.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        self.model.train(was_training)
+        total = max(float(sums[2]), 1.0)
+        metrics = {"val/loss": float(sums[0]) / total}
+        if float(sums[3]) == 0:
+            metrics["val/accuracy"] = float(sums[1]) / total
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log.info("validation at step %d: %s (%d samples)", self.step, shown, int(sums[2]))
+        self.progress.record_validation(self.step, self.epoch, metrics, int(sums[2]))
+        return metrics
+
+    def _validation_due(self, batches: int, n_batches: int) -> bool:
+        if self.val_loader is None:
+            return False
+        if self.val_every_steps and self.step % self.val_every_steps == 0:
+            return True
+        return bool(batches == n_batches and self.val_every_epochs and (self.epoch + 1) % self.val_every_epochs == 0)
+
+    def after_validation(self, metrics: dict[str, float]) -> None:
+        """Track the monitored metric (its best value decides early stopping; the checkpoint saved with these
+        metrics competes for checkpoint.keep_best)."""
+        if self.monitor not in metrics:
+            raise ValueError(f"trainer.monitor is {self.monitor}, but validation gave only {sorted(metrics)}")
+        value, best = metrics[self.monitor], self.watch["best"]
+        if best is None or (value < best if self.mode == "min" else value > best):
+            self.watch.update(best=value, best_step=self.step, since_best=0)
+        else:
+            self.watch["since_best"] += 1
+        if self.patience is not None and self.watch["since_best"] >= self.patience:
+            log.warning("early stopping at step %d: %s has not improved for %d validations (best %.4f at step %d)",
+                        self.step, self.monitor, self.watch["since_best"], self.watch["best"],
+                        self.watch["best_step"])
+            self.progress.event("early_stop", step=self.step, best=self.watch["best"],
+                                best_step=self.watch["best_step"])
+            self.early_stopped = True
 
     def position(self, batches: int, n_batches: int) -> Position:
         """Where training stands after `batches` of this epoch's `n_batches` (an ended epoch is the next one)."""
@@ -232,12 +331,23 @@ class Trainer:
                 data_mod.derive_seed(seed, self.info.rank, self.epoch))
             batches = 0
             n_batches = len(self.loader)
+            micro, group = 0, 1
+            step_loss = torch.zeros((), device=self.device)
             for batch in self.loader:
-                running += self.train_step(batch)
+                if micro == 0:  # a new accumulation group: as many micro-batches as remain, up to accum
+                    group = min(self.accum, n_batches - batches)
+                    step_loss.zero_()
+                micro += 1
+                batches += 1
+                step_loss += self.micro_step(batch, 1.0 / group, sync=micro == group) / group
+                if micro < group:
+                    continue
+                micro = 0
+                self.optimizer_step()
+                running += step_loss
                 if self.step == start_step:
                     self.progress.event("first_step", step=self.step + 1)
                 n_running += 1
-                batches += 1
                 self.step += 1
                 save_now = self.ckpt.due(self.step)
                 if self.step % every == 0 or self._done() or batches == n_batches:
@@ -248,8 +358,14 @@ class Trainer:
                     if dist.any_rank(dist.STOP.requested, self.device):
                         self._stop(self.position(batches, n_batches))
                         return
+                metrics = None
+                if self._validation_due(batches, n_batches):
+                    metrics = self.validate()
+                    self.after_validation(metrics)
+                    save_now |= self.ckpt.keep_best > 0
                 if save_now:
-                    self.ckpt.save(self.position(batches, n_batches), "interval")
+                    self.ckpt.save(self.position(batches, n_batches), "validation" if metrics else "interval",
+                                   metrics=metrics)
                 if self._done():
                     break
             if batches == 0 and n_batches == 0:

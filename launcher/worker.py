@@ -40,8 +40,21 @@ def run_script(cfg: recipe.DictConfig) -> None:
         runpy.run_module(cfg.script.module, run_name="__main__", alter_sys=True)
 
 
+def die_with_agent() -> None:
+    """Ask Linux to SIGKILL this worker when the process that started it (the agent in `launch`) dies, so that a
+    `kill -9` of launch or a crashed agent never leaves orphaned ranks running (and holding GPUs)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @record
 def main(argv: list[str] | None = None) -> None:
+    die_with_agent()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m launcher.worker RUN_DIR")

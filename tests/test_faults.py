@@ -138,3 +138,28 @@ def test_disk_full_during_a_save_stops_and_keeps_the_last_checkpoint(tmp_path):
         assert exp.returncode == 0, exp.stderr
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_killing_launch_takes_its_workers_down(tmp_path):
+    """`kill -9` of the launch process (the agent) must not leave ranks running as orphans."""
+    text = RECIPE.replace("out_features: 4}", "out_features: 4, step_sleep: 0.2}").replace("max_steps: 12",
+                                                                                           "max_steps: 1000")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([LAUNCH, recipe(tmp_path, text), "--gpus", "2", "--run-dir", str(run_dir)], cwd=tmp_path,
+                            env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(pids) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+        pids = [int(m) for k in (0, 1) if (run_dir / "logs" / f"rank{k}.log").exists()
+                for m in re.findall(r"worker start: .* pid (\d+)", (run_dir / "logs" / f"rank{k}.log").read_text())]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in
+                 Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert not alive, f"workers {alive} outlived the launch process"

@@ -68,6 +68,8 @@ class Checkpointer:
         self.every_s: float | None = c.every_minutes * 60 if c.every_minutes else None
         self.at_end: bool = c.at_end
         self.keep: int = c.keep
+        self.keep_best: int = c.keep_best
+        self.monitor, self.mode = str(cfg.trainer.monitor), str(cfg.trainer.monitor_mode)
         self.use_async: bool = c.async_
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.hash = recipe_hash(cfg)
@@ -121,7 +123,7 @@ class Checkpointer:
         return self.every_s is not None and time.monotonic() - self.last_time >= self.every_s
 
     # ------------------------------------------------------------------ save
-    def save(self, pos: Position, reason: str, final: bool = False) -> bool:
+    def save(self, pos: Position, reason: str, final: bool = False, metrics: dict[str, float] | None = None) -> bool:
         """Write and commit a checkpoint of the current state at `pos` (collective: every rank calls it).
 
         A failed write is tried again `checkpoint.retries` times, every rank together. When it still fails, every
@@ -137,7 +139,7 @@ class Checkpointer:
             return True
         previous = self.last_step
         try:
-            self._save(pos, reason)
+            self._save(pos, reason, metrics)
             return True
         except CheckpointError as e:
             self.last_step = previous
@@ -158,7 +160,7 @@ class Checkpointer:
         return (f"the previous committed checkpoint (step {newest}) is intact" if newest is not None
                 else "no earlier checkpoint of this run was committed")
 
-    def _save(self, pos: Position, reason: str) -> None:
+    def _save(self, pos: Position, reason: str, metrics: dict[str, float] | None = None) -> None:
         name = layout.step_dir(pos.step)
         path = self.storage.join(name)
         problem, clash = None, False
@@ -182,6 +184,7 @@ class Checkpointer:
         per_rank = {"rank": self.info.rank, "step": pos.step, "world_size": self.info.world_size,
                     "rng": rng.capture()}
         train_state = self._train_state(pos)
+        train_state["metrics"] = dict(metrics or {})
         state = self._my_share(self._app_state())
         self.last_step = pos.step
         self.last_time = time.monotonic()
@@ -295,7 +298,7 @@ class Checkpointer:
             manifest = {"format": layout.FORMAT, "step": train_state["step"], "epoch": train_state["epoch"],
                         "sample_offset": train_state["sample_offset"], "world_size": self.info.world_size,
                         "recipe_hash": self.hash, "launcher_version": __version__, "created": time.time(),
-                        "files": sizes}
+                        "metrics": train_state.get("metrics") or {}, "files": sizes}
             self.storage.write_text(self.storage.sub(path, layout.MANIFEST), json.dumps(manifest, indent=1))
         except OSError as e:
             return {"problem": f"writing {name} failed: {e}", "bytes": 0}
@@ -310,6 +313,10 @@ class Checkpointer:
         if not committed:
             return
         kept = {c.name for c in committed[: self.keep]}
+        if self.keep_best:  # and the k best by the monitored metric, among those that have it
+            scored = [c for c in committed if self.monitor in (c.manifest or {}).get("metrics", {})]
+            scored.sort(key=lambda c: c.manifest["metrics"][self.monitor], reverse=self.mode == "max")  # type: ignore
+            kept |= {c.name for c in scored[: self.keep_best]}
         newest = committed[0].step
         for c in found:
             if c.name in kept or c.step >= newest:

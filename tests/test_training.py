@@ -1,0 +1,134 @@
+"""Training features with the real `launch` command on 2 gloo ranks: gradient accumulation, mixed precision,
+validation with exact reduction, best-k checkpoints and early stopping."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from conftest import launch_env, run_launch
+
+RECIPE = """\
+seed: 2
+model: {_target_: launcher.zoo.models.MLP, in_features: 32, hidden: 32, out_features: 4}
+data:
+  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 512}
+  batch_size: 16
+  num_workers: 0
+  shuffle: true
+optimizer: {_target_: torch.optim.SGD, lr: 0.1}
+trainer: {max_steps: 12, log_every_steps: 1}
+checkpoint: {every_steps: 4, keep: 0}
+"""
+
+
+def launch(tmp_path: Path, run: str, *args: str, env: dict | None = None):
+    recipe = tmp_path / "exp.yaml"
+    recipe.write_text(RECIPE)
+    return run_launch(str(recipe), "--gpus", "2", "--run-dir", str(tmp_path / run), *args, cwd=tmp_path,
+                      env=launch_env(**(env or {})))
+
+
+def final(tmp_path: Path, run: str, step: int = 12) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"{run}.pt"
+    r = run_launch("ckpt", "export", str(tmp_path / run / "checkpoints" / f"step-{step:09d}"), str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return torch.load(out, weights_only=True)
+
+
+def losses(tmp_path: Path, run: str) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_twice_the_size(tmp_path):
+    # Each rank's two consecutive 16-sample micro-batches are exactly the 32 samples of the 32-sample batch.
+    big = launch(tmp_path, "big", "data.batch_size=32")
+    assert big.returncode == 0, big.stderr
+    acc = launch(tmp_path, "acc", "trainer.grad_accum_steps=2")
+    assert acc.returncode == 0, acc.stderr
+    assert "effective batch 64 (16 per rank x 2 ranks x 2 accumulation steps), precision fp32" in acc.stdout
+    a, b = final(tmp_path, "acc"), final(tmp_path, "big")
+    for k in b:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), f"{k} differs by {(a[k] - b[k]).abs().max():.3g}"
+    la, lb = losses(tmp_path, "acc"), losses(tmp_path, "big")
+    assert sorted(la) == list(range(1, 13)) and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+
+
+def test_uneven_last_group_of_an_epoch_steps_on_a_true_mean(tmp_path):
+    # 512 samples / (16 x 2 ranks) = 16 micro-batches per epoch; accumulating 3 leaves a last group of 1, whose
+    # loss (and gradient) is divided by 1, not by 3
+    r = launch(tmp_path, "run", "trainer.grad_accum_steps=3", "trainer.max_steps=null", "trainer.max_epochs=1",
+               "checkpoint.every_steps=null")
+    assert r.returncode == 0, r.stderr
+    got = losses(tmp_path, "run")
+    assert sorted(got) == list(range(1, 7))  # 5 full groups and the last micro-batch
+    assert 0.5 < got[6] / got[5] < 2, got
+
+
+def test_bf16_trains_and_fp16_resumes_exactly_with_its_scaler(tmp_path):
+    r = launch(tmp_path, "bf16", "trainer.precision=bf16")
+    assert r.returncode == 0, r.stderr
+    got = losses(tmp_path, "bf16")
+    assert got[12] < got[1], "bf16 did not learn"
+    ref = launch(tmp_path, "ref", "trainer.precision=fp16")
+    assert ref.returncode == 0, ref.stderr
+    state = json.loads((tmp_path / "ref" / "checkpoints" / "step-000000012" / "train_state.json").read_text())
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    r = launch(tmp_path, "run", "trainer.precision=fp16", "trainer.max_steps=6")
+    assert r.returncode == 0, r.stderr
+    r = launch(tmp_path, "run", "trainer.precision=fp16")
+    assert r.returncode == 0 and "resume: from" in r.stdout, r.stderr
+    assert losses(tmp_path, "run") == losses(tmp_path, "ref")
+    a, b = final(tmp_path, "run"), final(tmp_path, "ref")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+VAL = "  val: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 203, seed: 9}\n"
+
+
+def with_val(tmp_path: Path) -> str:
+    recipe = tmp_path / "val.yaml"
+    recipe.write_text(RECIPE.replace("  shuffle: true\n", "  shuffle: true\n" + VAL))
+    return str(recipe)
+
+
+def test_validation_metrics_are_exact_over_uneven_shards(tmp_path):
+    # 203 samples over 2 ranks (102 + 101) in batches of 16: uneven shards and uneven last batches, no padding
+    r = run_launch(with_val(tmp_path), "--gpus", "2", "--run-dir", str(tmp_path / "run"), "trainer.val_every_steps=12",
+                   "trainer.val_every_epochs=null", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [12] and rows[0]["samples"] == 203
+    assert re.search(r"validation at step 12: val/loss \d\.\d{4}, val/accuracy \d\.\d{4} \(203 samples\)", r.stdout)
+    params = final(tmp_path, "run")
+    from launcher.zoo.datasets import SyntheticClassification
+    from launcher.zoo.models import MLP
+    model = MLP(in_features=32, hidden=32, out_features=4)
+    model.load_state_dict(params)
+    data = SyntheticClassification(num_samples=203, seed=9)
+    x = torch.stack([data[i][0] for i in range(203)])
+    y = torch.tensor([int(data[i][1]) for i in range(203)])
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert abs(rows[0]["val/loss"] - torch.nn.functional.cross_entropy(out, y).item()) < 1e-5
+    assert abs(rows[0]["val/accuracy"] - (out.argmax(1) == y).sum().item() / 203) < 1e-12
+
+
+def test_best_checkpoints_are_kept_and_early_stopping_ends_the_run(tmp_path):
+    # monitor_mode=max on a falling loss: only the first validation is ever the best, so with patience 2 the run
+    # stops at the third validation (step 6); retention keeps the newest (6) and the best (2)
+    r = run_launch(with_val(tmp_path), "--gpus", "2", "--run-dir", str(tmp_path / "run"), "trainer.max_steps=40",
+                   "trainer.val_every_steps=2", "trainer.monitor_mode=max", "trainer.early_stop_patience=2",
+                   "checkpoint.every_steps=null", "checkpoint.keep=1", "checkpoint.keep_best=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"early stopping at step 6: val/loss has not improved for 2 validations \(best \d\.\d{4} at "
+                     r"step 2\)", r.stdout + r.stderr), r.stdout + r.stderr
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000000002", "step-000000006"], kept
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-000000002" / "manifest.json").read_text())
+    assert set(manifest["metrics"]) == {"val/loss", "val/accuracy"}
+    assert max(losses(tmp_path, "run")) == 6
