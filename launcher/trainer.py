@@ -309,10 +309,36 @@ class Trainer:
     def fit(self) -> None:
         try:
             self._fit()
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(self.oom_report(e)) from e
         except Exception as e:
             if dist.is_timeout(e):
                 raise dist.timeout_error(e, f"step {self.step + 1}") from e
             raise
+
+    def oom_report(self, e: BaseException) -> str:
+        """One line a person can act on: where it ran out, with what batch and memory, and what to change."""
+        batch, accum = int(self.cfg.data.batch_size), self.accum
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            memory = f"peak {peak:.2f} GiB allocated of {total:.2f} GiB on {self.device}"
+        else:
+            import resource
+            memory = f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        advice = []
+        if batch > 1:
+            advice.append(f"data.batch_size={batch // 2} trainer.grad_accum_steps={accum * 2} (same effective "
+                          f"batch)")
+        if self.precision == "fp32":
+            advice.append("trainer.precision=bf16")
+        committed = self.ckpt.committed_step
+        kept = (f"the last committed checkpoint (step {committed}) is intact" if committed is not None
+                else "no checkpoint was committed yet")
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "out of memory"
+        return (f"out of memory at step {self.step + 1} on rank {self.info.rank} with a batch of {batch} per rank "
+                f"(x {accum} accumulation steps, precision {self.precision}); {memory}. Try "
+                f"{' or '.join(advice) or 'a smaller model'}; {kept}. ({first})")
 
     def _fit(self) -> None:
         t0 = time.perf_counter()

@@ -114,3 +114,18 @@ class EnvIndexProbe(IndexProbe):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.out = os.environ["PROBE_OUT"]
         return super().forward(x)
+
+
+class OOMMLP(nn.Module):
+    """An MLP that raises the out-of-memory error CUDA raises, at forward call `step` on rank `rank`."""
+
+    def __init__(self, step: int = 3, rank: int = 1) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 4)
+        self.calls, self.step, self.rank = 0, step, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 79.15 GiB total)")
+        return self.lin(x)

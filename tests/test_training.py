@@ -132,3 +132,18 @@ def test_best_checkpoints_are_kept_and_early_stopping_ends_the_run(tmp_path):
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-000000002" / "manifest.json").read_text())
     assert set(manifest["metrics"]) == {"val/loss", "val/accuracy"}
     assert max(losses(tmp_path, "run")) == 6
+
+
+def test_out_of_memory_is_reported_with_advice_and_the_checkpoint_kept(tmp_path):
+    recipe = tmp_path / "oom.yaml"
+    recipe.write_text(RECIPE.replace("launcher.zoo.models.MLP, in_features: 32, hidden: 32, out_features: 4",
+                                     "components.OOMMLP, step: 3, rank: 1")
+                      .replace("every_steps: 4", "every_steps: 2"))
+    r = run_launch(str(recipe), "--gpus", "2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 1
+    assert re.search(r"out of memory at step 3 on rank 1 with a batch of 16 per rank \(x 1 accumulation steps, "
+                     r"precision fp32\); peak process RSS \d+\.\d\d GiB\. Try data\.batch_size=8 "
+                     r"trainer\.grad_accum_steps=2 \(same effective batch\) or trainer\.precision=bf16; the last "
+                     r"committed checkpoint \(step 2\) is intact", r.stderr), r.stderr
+    listing = run_launch("ckpt", "ls", str(tmp_path / "run" / "checkpoints"), cwd=tmp_path).stdout
+    assert re.search(r"^ +2 .*committed, latest$", listing, re.M), listing
