@@ -143,6 +143,15 @@ class SlurmSection:
 
 
 @dataclass
+class FinetuneSection:
+    freeze: List[str] = doc("Parameter names to freeze, as globs (e.g. 'backbone.*'); a table of trainable and frozen "
+                            "parameters per top-level module is printed at start.", factory=list)
+    lr_groups: Optional[Dict[str, float]] = doc(
+        "Learning rates by parameter-name glob, e.g. {'backbone.*': 1.0e-4}; the first matching glob wins, other "
+        "parameters keep the optimizer's lr.", None)
+
+
+@dataclass
 class Recipe:
     seed: int = doc("Seed for model initialisation (same on all ranks), data order and per-rank streams.", 0)
     run: RunSection = doc("Where the run lives.", factory=RunSection)
@@ -156,6 +165,7 @@ class Recipe:
     loss: Component = doc("Loss, called as loss(model_output, target).",
                           factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})
     trainer: TrainerSection = doc("Training limits, logging and clipping.", factory=TrainerSection)
+    finetune: FinetuneSection = doc("Frozen layers and per-group learning rates.", factory=FinetuneSection)
     checkpoint: CheckpointSection = doc("Sharded checkpoints: where, how often, how many.",
                                         factory=CheckpointSection)
     backend: str = doc("local (torchrun on this machine) or slurm (a SLURM job through submitit; `--slurm`).",

@@ -7,6 +7,7 @@ a Python float, the cross-rank mean) are taken only every `trainer.log_every_ste
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -68,6 +69,52 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter whose name matches one of the globs; a glob that matches nothing is an error."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"finetune.freeze: '{pattern}' matches no parameter of {type(model).__name__}; "
+                             f"its parameters are named like {', '.join(names[:6])}")
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            p.requires_grad_(False)
+
+
+def parameter_table(model: torch.nn.Module) -> str:
+    """Trainable and frozen parameter counts per top-level module."""
+    rows: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        counts = rows.setdefault(name.split(".")[0], [0, 0])
+        counts[0 if p.requires_grad else 1] += p.numel()
+    width = max([len(k) for k in rows] + [6])
+    lines = [f"  {'module':<{width}} {'trainable':>12} {'frozen':>12}"]
+    lines += [f"  {k:<{width}} {t:>12,} {f:>12,}" for k, (t, f) in rows.items()]
+    return "\n".join(lines)
+
+
+def param_groups(model: torch.nn.Module, lr_groups: dict[str, float]) -> list[Any]:
+    """The trainable parameters, as optimizer groups: one per glob of `lr_groups` (first match wins), then the rest
+    (which keep the optimizer's lr). Without lr_groups, a plain list."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not lr_groups:
+        return [p for _, p in trainable]
+    groups: list[dict[str, Any]] = [{"params": [], "lr": float(lr)} for lr in lr_groups.values()]
+    rest: list[torch.nn.Parameter] = []
+    for name, p in trainable:
+        for group, pattern in zip(groups, lr_groups):
+            if fnmatch.fnmatchcase(name, pattern):
+                group["params"].append(p)
+                break
+        else:
+            rest.append(p)
+    for pattern, group in zip(lr_groups, groups):
+        if not group["params"]:
+            raise ValueError(f"finetune.lr_groups: '{pattern}' matches no trainable parameter")
+        log.info("optimizer group %s: lr %g, %d tensors", pattern, group["lr"], len(group["params"]))
+    return [g for g in groups] + ([{"params": rest}] if rest else [])
+
+
 def _ddp_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters DDP reduces, in DDP's order (the indices of its bucket layout)."""
     seen: set[int] = set()
@@ -123,7 +170,10 @@ class Trainer:
         seed_all(data_mod.derive_seed(cfg.seed, self.info.rank))  # per-rank streams from here on (dropout, noise)
         model.to(device)
         self.model = model
-        self.optimizer = instantiate(cfg.optimizer, [p for p in model.parameters() if p.requires_grad],
+        freeze(model, list(cfg.finetune.freeze))
+        if self.info.is_main:
+            log.info("parameters by module:\n%s", parameter_table(model))
+        self.optimizer = instantiate(cfg.optimizer, param_groups(model, dict(cfg.finetune.lr_groups or {})),
                                      key="optimizer")
         self.scheduler = (instantiate(cfg.lr_scheduler, self.optimizer, key="lr_scheduler")
                           if cfg.lr_scheduler is not None else None)

@@ -147,3 +147,15 @@ def test_out_of_memory_is_reported_with_advice_and_the_checkpoint_kept(tmp_path)
                      r"committed checkpoint \(step 2\) is intact", r.stderr), r.stderr
     listing = run_launch("ckpt", "ls", str(tmp_path / "run" / "checkpoints"), cwd=tmp_path).stdout
     assert re.search(r"^ +2 .*committed, latest$", listing, re.M), listing
+
+
+def test_frozen_layers_stay_put_and_the_head_learns_at_its_own_rate(tmp_path):
+    r = launch(tmp_path, "run", "trainer.max_steps=6", "checkpoint.every_steps=2", "finetune.freeze=[body.*]",
+               "finetune.lr_groups={head.*: 0.05}")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"body +0 +2,112\n +head +132 +0", r.stdout), r.stdout
+    assert "optimizer group head.*: lr 0.05, 2 tensors" in r.stdout
+    early, late = final(tmp_path, "run", 2), final(tmp_path, "run", 6)
+    for k in late:
+        same = torch.equal(early[k], late[k])
+        assert same if k.startswith("body.") else not same, f"{k} {'changed' if not same else 'did not change'}"
