@@ -156,13 +156,13 @@ def test_signal_while_workers_start_is_not_lost(slurm_cluster, tmp_path):
 def test_time_limit_shorter_than_training_finishes_across_allocations(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     # SLURM sends the signal at its first check after (end - grace - 30 s): with a 60 s limit and a 10 s grace,
-    # 20 to 50 s into each allocation. 24 s of steps need 2 or 3 allocations.
-    recipe = write(tmp_path, steps=120, sleep=0.2, time_min=1, grace=10, requeues=8)
+    # 20 to 50 s into each allocation, so one allocation trains 13 to 43 s. 52 s of steps need 2 or more.
+    recipe = write(tmp_path, steps=260, sleep=0.2, time_min=1, grace=10, requeues=8)
     r = run_launch(recipe, "--nodes", "2", "--gpus", "2", "--slurm", "--run-dir", str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = job_id(run_dir)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600) == "COMPLETED"
-    assert metrics_step(run_dir) == 120
+    assert metrics_step(run_dir) == 260
     log0 = (run_dir / "logs" / "rank0.log").read_text()
     assert log0.count("resume: from") >= 1, "the job never ran past one allocation"
 
