@@ -103,6 +103,14 @@ def seed_loader_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def _collate_and_pin(data_cfg: Any, pin_memory: bool) -> tuple[dict[str, Any], bool]:
+    """DataLoader settings shared by the training and validation loaders: the collate_fn, and whether to pin."""
+    kwargs: dict[str, Any] = {}
+    if data_cfg.collate_fn:
+        kwargs["collate_fn"] = imports.locate(data_cfg.collate_fn)
+    return kwargs, pin_memory if data_cfg.pin_memory is None else bool(data_cfg.pin_memory)
+
+
 def build_loader(data_cfg: Any, dataset: Dataset, *, seed: int, info: RankInfo | None = None,
                  pin_memory: bool = False) -> DataLoader:
     """The per-rank DataLoader for a recipe's `data` section, with the launcher's DistributedSampler."""
@@ -111,14 +119,11 @@ def build_loader(data_cfg: Any, dataset: Dataset, *, seed: int, info: RankInfo |
                                  shuffle=bool(data_cfg.shuffle), seed=seed, drop_last=bool(data_cfg.drop_last),
                                  batch_size=int(data_cfg.batch_size))
     workers = int(data_cfg.num_workers)
-    kwargs: dict[str, Any] = {}
+    kwargs, pin = _collate_and_pin(data_cfg, pin_memory)
     if workers > 0:
         kwargs["persistent_workers"] = bool(data_cfg.persistent_workers)
         if data_cfg.prefetch_factor is not None:
             kwargs["prefetch_factor"] = int(data_cfg.prefetch_factor)
-    if data_cfg.collate_fn:
-        kwargs["collate_fn"] = imports.locate(data_cfg.collate_fn)
-    pin = pin_memory if data_cfg.pin_memory is None else bool(data_cfg.pin_memory)
     generator = torch.Generator()
     generator.manual_seed(derive_seed(seed, info.rank))
     return DataLoader(dataset, batch_size=int(data_cfg.batch_size), sampler=sampler, num_workers=workers,
@@ -144,10 +149,7 @@ def build_eval_loader(data_cfg: Any, dataset: Dataset, *, info: RankInfo | None 
                       pin_memory: bool = False) -> DataLoader:
     """The per-rank DataLoader for validation: this rank's disjoint share, in order, in full."""
     info = info or rank_info()
-    kwargs: dict[str, Any] = {}
-    if data_cfg.collate_fn:
-        kwargs["collate_fn"] = imports.locate(data_cfg.collate_fn)
-    pin = pin_memory if data_cfg.pin_memory is None else bool(data_cfg.pin_memory)
+    kwargs, pin = _collate_and_pin(data_cfg, pin_memory)
     return DataLoader(dataset, batch_size=int(data_cfg.val_batch_size or data_cfg.batch_size),
                       sampler=ShardSampler(dataset, info.world_size, info.rank), num_workers=int(data_cfg.num_workers),
                       pin_memory=pin, worker_init_fn=seed_loader_worker, **kwargs)

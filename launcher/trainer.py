@@ -273,12 +273,6 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def train_step(self, batch: Any) -> torch.Tensor:
-        """One optimizer step on one batch (no accumulation)."""
-        loss = self.micro_step(batch, 1.0, sync=True)
-        self.optimizer_step()
-        return loss
-
     def _bucket_layout(self) -> list[list[int]]:
         """DDP's gradient buckets as lists of parameter indices, as the next step will use them (collective)."""
         if self._layout is None:

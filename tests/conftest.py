@@ -29,6 +29,15 @@ def run_launch(*args: str, cwd: Path | str, timeout: float = 180, env: dict | No
     return subprocess.run(cmd, cwd=cwd, env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def export_params(tmp_path: Path, ckpt: Path | str, name: str, env: dict | None = None) -> dict:
+    """A checkpoint's model parameters, through the real `launch ckpt export`."""
+    import torch
+    out = tmp_path / f"{name}.pt"
+    r = run_launch("ckpt", "export", str(ckpt), str(out), cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    return torch.load(out, weights_only=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import LAUNCH, launch_env, run_launch
+from conftest import LAUNCH, export_params, launch_env, run_launch
 from s3 import free_port
 
 RECIPE = """\
@@ -36,8 +36,11 @@ def two_hosts():
     """[(namespace, address), (namespace, address)] on a private /24, removed afterwards."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
+    if not shutil.which("ip") and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "iproute2"],
+                       capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     if not shutil.which("ip"):
-        pytest.skip("the ip command (Debian's iproute2) is missing")
+        pytest.skip("the ip command (Debian's iproute2) is missing and could not be installed")
     tag = f"{os.getpid() % 100000}"
     hosts = [(f"lnch{tag}a", "10.231.7.1"), (f"lnch{tag}b", "10.231.7.2")]
     veths = [f"lv{tag}a", f"lv{tag}b"]
@@ -54,13 +57,6 @@ def two_hosts():
     finally:
         for ns, _ in hosts:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def export(tmp_path, ckpt, name):
-    out = tmp_path / f"{name}.pt"
-    r = run_launch("ckpt", "export", str(ckpt), str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    return torch.load(out, weights_only=True)
 
 
 def test_two_hosts_train_like_one_host_with_four_processes(tmp_path, two_hosts):
@@ -90,7 +86,7 @@ def test_two_hosts_train_like_one_host_with_four_processes(tmp_path, two_hosts):
     one = tmp_path / "one"
     r = run_launch(str(recipe), "--gpus", "4", "--run-dir", str(one), cwd=tmp_path, timeout=240)
     assert r.returncode == 0, r.stderr
-    two_hosts_params = export(tmp_path, run_dir / "checkpoints" / "step-000000010", "two")
-    one_host_params = export(tmp_path, one / "checkpoints" / "step-000000010", "one")
+    two_hosts_params = export_params(tmp_path, run_dir / "checkpoints" / "step-000000010", "two")
+    one_host_params = export_params(tmp_path, one / "checkpoints" / "step-000000010", "one")
     for k in one_host_params:
         assert torch.equal(two_hosts_params[k], one_host_params[k]), f"{k} differs from the single-host run"

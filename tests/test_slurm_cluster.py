@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, launch_env, run_launch
+from conftest import ROOT, export_params, launch_env, run_launch
 
 pytestmark = pytest.mark.slurm
 
@@ -71,13 +71,6 @@ def metrics_step(run_dir: Path) -> int:
         return 0
 
 
-def export(tmp_path: Path, ckpt: Path, name: str) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"{name}.pt"
-    r = run_launch("ckpt", "export", str(ckpt), str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    return torch.load(out, weights_only=True)
-
-
 def test_two_node_job_trains_with_right_ranks(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     r = run_launch(write(tmp_path), "--nodes", "2", "--gpus", "2", "--slurm", "--wait", "--run-dir", str(run_dir),
@@ -121,8 +114,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
     got, expected = losses(run_dir), losses(ref)
     assert sorted(got) == list(range(1, steps + 1))
     assert [s for s in got if got[s] != expected[s]] == [], "per-step losses differ from the uninterrupted job"
-    final = export(tmp_path, run_dir / "checkpoints" / f"step-{steps:09d}", "run")
-    want = export(tmp_path, ref / "checkpoints" / f"step-{steps:09d}", "ref")
+    final = export_params(tmp_path, run_dir / "checkpoints" / f"step-{steps:09d}", "run")
+    want = export_params(tmp_path, ref / "checkpoints" / f"step-{steps:09d}", "ref")
     for k in want:
         assert torch.equal(final[k], want[k]), \
             f"{k} differs from the uninterrupted run by {(final[k] - want[k]).abs().max():.3g}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import launch_env, run_launch
+from conftest import export_params, launch_env, run_launch
 
 RECIPE = """\
 seed: 2
@@ -33,10 +33,7 @@ def launch(tmp_path: Path, run: str, *args: str, env: dict | None = None):
 
 
 def final(tmp_path: Path, run: str, step: int = 12) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"{run}.pt"
-    r = run_launch("ckpt", "export", str(tmp_path / run / "checkpoints" / f"step-{step:09d}"), str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    return torch.load(out, weights_only=True)
+    return export_params(tmp_path, tmp_path / run / "checkpoints" / f"step-{step:09d}", f"{run}-{step}")
 
 
 def losses(tmp_path: Path, run: str) -> dict[int, float]:
