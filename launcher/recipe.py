@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import typing
@@ -97,6 +98,13 @@ class TrainerSection:
                                              None)
     grad_accum_steps: int = doc("Micro-batches per optimizer step; gradients are synchronised only on the last "
                                 "(DDP no_sync). Effective batch = batch_size x world size x this.", 1)
+    compile: bool = doc("Compile the DDP model with torch.compile (graphs split at DDP's gradient buckets, so "
+                        "communication still overlaps the backward). Checkpoints keep the plain parameter names.",
+                        False)
+    compile_options: Optional[Dict[str, Any]] = doc("Keyword arguments for torch.compile, e.g. {mode: "
+                                                    "max-autotune, backend: inductor, dynamic: false}.", None)
+    channels_last: bool = doc("Convolutional models: keep the model and 4-D inputs in channels_last memory format "
+                              "(faster convolutions with tensor cores and on recent CPUs).", False)
 
 
 @dataclass
@@ -149,6 +157,35 @@ class FinetuneSection:
     lr_groups: Optional[Dict[str, float]] = doc(
         "Learning rates by parameter-name glob, e.g. {'backbone.*': 1.0e-4}; the first matching glob wins, other "
         "parameters keep the optimizer's lr.", None)
+    unfreeze_after_epochs: Optional[int] = doc(
+        "Make the frozen parameters trainable from this epoch on (0-based: 2 trains epochs 0 and 1 frozen); they "
+        "join the optimizer with their lr_groups rate.", None)
+    init_from: Optional[str] = doc(
+        "Pretrained weights to start from (not applied when the run resumes from its own checkpoint): a checkpoint "
+        "folder, a checkpoint directory (its newest committed checkpoint), or a torch.save file with a state dict "
+        "(also under 'state_dict' or 'model'), local or s3://.", None)
+    init_key_map: Optional[Dict[str, str]] = doc(
+        "Rewrite key prefixes of init_from before matching: {'module.': ''} strips one, {'': 'backbone.'} adds one.",
+        None)
+    init_strict: bool = doc("Every model tensor must come from init_from with its shape, and nothing else may be "
+                            "there. false: load what matches, report the missing, unexpected and reshaped keys.",
+                            True)
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: Optional[bool] = doc("Write TensorBoard event files to <run dir>/tb (rank 0). Default: on "
+                                      "when the tensorboard package is installed.", None)
+    wandb: bool = doc("Log to Weights & Biases (rank 0; needs the wandb package). The run id is kept in "
+                      "<run dir>/wandb-run-id, so resumes and requeues continue the same W&B run.", False)
+    wandb_project: Optional[str] = doc("W&B project. Default: launcher.", None)
+    wandb_entity: Optional[str] = doc("W&B entity (user or team). Default: W&B's own.", None)
+    wandb_mode: Optional[str] = doc("online, offline (no network; `wandb sync` later) or disabled. Default: W&B's "
+                                    "own (WANDB_MODE).", None)
+    progress: str = doc("Rank 0's console progress: auto (a bar with rate and ETA on a terminal, plain lines "
+                        "otherwise), bar, or lines.", "auto")
+    grad_norm: bool = doc("Record the global gradient norm at log steps (free when trainer.grad_clip_norm is set).",
+                          True)
 
 
 @dataclass
@@ -165,9 +202,12 @@ class Recipe:
     loss: Component = doc("Loss, called as loss(model_output, target).",
                           factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})
     trainer: TrainerSection = doc("Training limits, logging and clipping.", factory=TrainerSection)
-    finetune: FinetuneSection = doc("Frozen layers and per-group learning rates.", factory=FinetuneSection)
+    finetune: FinetuneSection = doc("Pretrained weights, frozen layers and per-group learning rates.",
+                                    factory=FinetuneSection)
     checkpoint: CheckpointSection = doc("Sharded checkpoints: where, how often, how many.",
                                         factory=CheckpointSection)
+    logging: LoggingSection = doc("Metrics (metrics.jsonl, TensorBoard, W&B) and console progress.",
+                                  factory=LoggingSection)
     backend: str = doc("local (torchrun on this machine) or slurm (a SLURM job through submitit; `--slurm`).",
                        "local")
     slurm: SlurmSection = doc("SLURM job settings (with backend slurm).", factory=SlurmSection)
@@ -509,6 +549,8 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
             cfg.script.path = str(beside)
     if cfg.script.path:
         cfg.script.path = os.path.abspath(cfg.script.path)
+    if cfg.finetune.init_from and "://" not in cfg.finetune.init_from and os.path.exists(cfg.finetune.init_from):
+        cfg.finetune.init_from = os.path.abspath(cfg.finetune.init_from)  # workers and SLURM jobs see the same file
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -605,6 +647,26 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
                            ("trainer.val_every_steps", cfg.trainer.val_every_steps)):
             if value:
                 out.append(f"{at(key)}: {key} needs a validation set: add data.val: {{_target_: ...}}")
+    if cfg.logging.progress not in ("auto", "bar", "lines"):
+        out.append(f"{at('logging.progress')}: logging.progress must be auto, bar or lines, got "
+                   f"'{cfg.logging.progress}'")
+    if cfg.logging.wandb_mode not in (None, "online", "offline", "disabled"):
+        out.append(f"{at('logging.wandb_mode')}: logging.wandb_mode must be online, offline or disabled, got "
+                   f"'{cfg.logging.wandb_mode}'")
+    for key, package, on in (("logging.tensorboard", "tensorboard", cfg.logging.tensorboard),
+                             ("logging.wandb", "wandb", cfg.logging.wandb)):
+        if on and importlib.util.find_spec(package) is None:
+            out.append(f"{at(key)}: {key} is on but the {package} package is not installed: pip install {package} "
+                       f"(or launcher[{package}]), or set {key}=false")
+    positive("finetune.unfreeze_after_epochs")
+    if cfg.finetune.unfreeze_after_epochs is not None and not cfg.finetune.freeze:
+        out.append(f"{at('finetune.unfreeze_after_epochs')}: finetune.unfreeze_after_epochs needs finetune.freeze "
+                   f"(there is nothing to unfreeze)")
+    init_from = cfg.finetune.init_from
+    if init_from and "://" not in init_from and not os.path.exists(init_from):
+        out.append(f"{at('finetune.init_from')}: finetune.init_from: no such file or directory: {init_from} "
+                   f"(relative to {os.getcwd()}); name a checkpoint folder, a checkpoint directory or a state-dict "
+                   f"file")
     if cfg.trainer.precision not in ("fp32", "bf16", "fp16"):
         out.append(f"{at('trainer.precision')}: trainer.precision must be fp32, bf16 or fp16, got "
                    f"'{cfg.trainer.precision}'")

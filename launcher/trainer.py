@@ -7,7 +7,7 @@ a Python float, the cross-rank mean) are taken only every `trainer.log_every_ste
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import gc
 import hashlib
 import json
 import logging
@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data as data_mod
 from . import dist
-from .monitor import Progress
+from . import finetune as ft
+from .monitor import Progress, peak_memory_gib
 from .checkpoint.checkpointer import Checkpointer, Position
 from .recipe import instantiate
 
@@ -59,60 +60,17 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Tensors to the device (4-D ones in channels_last format when asked), through lists, tuples and dicts."""
     if isinstance(batch, torch.Tensor):
+        if channels_last and batch.ndim == 4:
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
-
-
-def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
-    """Freeze every parameter whose name matches one of the globs; a glob that matches nothing is an error."""
-    names = [n for n, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ValueError(f"finetune.freeze: '{pattern}' matches no parameter of {type(model).__name__}; "
-                             f"its parameters are named like {', '.join(names[:6])}")
-    for name, p in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            p.requires_grad_(False)
-
-
-def parameter_table(model: torch.nn.Module) -> str:
-    """Trainable and frozen parameter counts per top-level module."""
-    rows: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        counts = rows.setdefault(name.split(".")[0], [0, 0])
-        counts[0 if p.requires_grad else 1] += p.numel()
-    width = max([len(k) for k in rows] + [6])
-    lines = [f"  {'module':<{width}} {'trainable':>12} {'frozen':>12}"]
-    lines += [f"  {k:<{width}} {t:>12,} {f:>12,}" for k, (t, f) in rows.items()]
-    return "\n".join(lines)
-
-
-def param_groups(model: torch.nn.Module, lr_groups: dict[str, float]) -> list[Any]:
-    """The trainable parameters, as optimizer groups: one per glob of `lr_groups` (first match wins), then the rest
-    (which keep the optimizer's lr). Without lr_groups, a plain list."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not lr_groups:
-        return [p for _, p in trainable]
-    groups: list[dict[str, Any]] = [{"params": [], "lr": float(lr)} for lr in lr_groups.values()]
-    rest: list[torch.nn.Parameter] = []
-    for name, p in trainable:
-        for group, pattern in zip(groups, lr_groups):
-            if fnmatch.fnmatchcase(name, pattern):
-                group["params"].append(p)
-                break
-        else:
-            rest.append(p)
-    for pattern, group in zip(lr_groups, groups):
-        if not group["params"]:
-            raise ValueError(f"finetune.lr_groups: '{pattern}' matches no trainable parameter")
-        log.info("optimizer group %s: lr %g, %d tensors", pattern, group["lr"], len(group["params"]))
-    return [g for g in groups] + ([{"params": rest}] if rest else [])
 
 
 def _ddp_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -168,12 +126,20 @@ class Trainer:
         log.info("model %s: %d parameters (%d trainable), fingerprint %s", type(model).__name__, n_params, n_train,
                  fingerprint(model))
         seed_all(data_mod.derive_seed(cfg.seed, self.info.rank))  # per-rank streams from here on (dropout, noise)
-        model.to(device)
+        self.channels_last = bool(t_cfg.channels_last)
+        model.to(device, memory_format=torch.channels_last) if self.channels_last else model.to(device)
         self.model = model
-        freeze(model, list(cfg.finetune.freeze))
+        f_cfg = cfg.finetune
+        self.frozen = ft.frozen_names(model, list(f_cfg.freeze))
+        ft.set_trainable(model, self.frozen, False)
+        self.unfreeze_at: int | None = f_cfg.unfreeze_after_epochs
+        self.unfrozen = False
         if self.info.is_main:
-            log.info("parameters by module:\n%s", parameter_table(model))
-        self.optimizer = instantiate(cfg.optimizer, param_groups(model, dict(cfg.finetune.lr_groups or {})),
+            log.info("parameters by module:\n%s", ft.parameter_table(model))
+        # Parameters to be unfrozen later are in the optimizer from the start (without gradients it skips them),
+        # so its structure, and every checkpoint's, stays the same when they join.
+        self.optimizer = instantiate(cfg.optimizer, ft.param_groups(model, dict(f_cfg.lr_groups or {}),
+                                                                    include_frozen=self.unfreeze_at is not None),
                                      key="optimizer")
         self.scheduler = (instantiate(cfg.lr_scheduler, self.optimizer, key="lr_scheduler")
                           if cfg.lr_scheduler is not None else None)
@@ -203,7 +169,11 @@ class Trainer:
         global_batch = int(cfg.data.batch_size) * self.info.world_size * self.accum
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
         self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler, self.scaler)
-        self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout(), "monitor": self.watch}
+        self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout(), "monitor": self.watch,
+                                    "unfrozen": self.unfrozen}
+        # A checkpoint written after the unfreeze holds optimizer state for those parameters: unfreeze first.
+        self.ckpt.before_load = lambda extras: self._unfreeze("the checkpoint was written after it") \
+            if extras.get("unfrozen") else None
         self._layout: list[list[int]] | None = None
         # Validation, the monitored metric's best value so far and how many validations since it improved.
         self.val_loader = (data_mod.build_eval_loader(cfg.data, instantiate(cfg.data.val, key="data.val"),
@@ -221,12 +191,22 @@ class Trainer:
         if pos is not None:
             self.step, self.epoch, self.epoch_start = pos.step, pos.epoch, pos.sample_offset
             self.watch.update(pos.extras.get("monitor") or {})
+        elif f_cfg.init_from:
+            report = ft.load_initial(model, str(f_cfg.init_from), dict(f_cfg.init_key_map or {}),
+                                     bool(f_cfg.init_strict), cfg.checkpoint.endpoint_url)
+            if self.info.is_main:
+                (log.info if report.complete else log.warning)("%s", report.text())
         # DDP comes after the resume: a resumed run lays out its gradient buckets as the interrupted one did.
+        self.compile_options = dict(t_cfg.compile_options or {}) if t_cfg.compile else None
         with fixed_bucket_layout(pos.extras.get("ddp_buckets") if pos is not None else None):
-            self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = self._wrap(model)
         limits = [self.max_steps, self.max_epochs and self.max_epochs * len(self.loader)]
         total = min(x for x in limits if x) if any(limits) else None
-        self.progress = Progress(run_dir, self.info.is_main, total, global_batch)
+        self.progress = Progress(run_dir, self.info.is_main, total, global_batch, cfg)
+        self.measure_norm = bool(cfg.logging.grad_norm)
+        self._grad_norm: torch.Tensor | None = None  # the latest measured (a tensor: read only at log steps)
+        self._data_wait = 0.0  # seconds spent waiting for the loader since the last log step
+        self._last_record = self.step
         # When this attempt's milestones happened (bench/bench_recovery.py reads them after a restart).
         self.progress.event("ready", restart=self.info.restart_count, process_start=process_start_time(),
                             group_joined=joined_at, resumed_step=pos.step if pos is not None else None,
@@ -238,6 +218,34 @@ class Trainer:
             log.info("effective batch %d (%d per rank x %d ranks x %d accumulation steps), precision %s",
                      global_batch, cfg.data.batch_size, self.info.world_size, self.accum, self.precision)
 
+    def _unfreeze(self, why: str) -> None:
+        """Make the frozen parameters trainable (before the DDP model exists, or followed by _rebuild_ddp)."""
+        ft.set_trainable(self.model, self.frozen, True)
+        self.unfrozen = True
+        if self.info.is_main:
+            log.info("unfroze %d parameter tensors (%s); parameters by module:\n%s", len(self.frozen), why,
+                     ft.parameter_table(self.model))
+
+    def _rebuild_ddp(self) -> None:
+        """DDP reduces the parameters that were trainable when it was built: a new set needs a new DDP (the old
+        one's gradient hooks go with it)."""
+        del self.ddp
+        gc.collect()
+        self._layout = None
+        self.ddp = self._wrap(self.model)
+
+    def _wrap(self, model: torch.nn.Module) -> DDP:
+        """The DDP model, compiled in place when trainer.compile is set: compiling the DDP module lets dynamo split
+        the graph at gradient-bucket boundaries (communication overlaps the backward); `self.model` stays the plain
+        module, so checkpoints keep their parameter names."""
+        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.compile_options is not None:
+            ddp.compile(**self.compile_options)
+            if self.info.is_main:
+                log.info("torch.compile: the DDP model compiles on its first step (%s)",
+                         ", ".join(f"{k}={v}" for k, v in self.compile_options.items()) or "default options")
+        return ddp
+
     def _done(self) -> bool:
         return (self.early_stopped or (self.max_steps is not None and self.step >= self.max_steps)
                 or (self.max_epochs is not None and self.epoch >= self.max_epochs))
@@ -246,7 +254,7 @@ class Trainer:
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise TypeError(f"a training batch must be (inputs, targets); the dataset gave {type(batch).__name__}"
                             f"{' of ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
-        return to_device(batch, self.device)
+        return to_device(batch, self.device, self.channels_last)
 
     def micro_step(self, batch: Any, share: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch whose loss counts `share` of the step's; gradients are
@@ -259,11 +267,18 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach().float()
 
-    def optimizer_step(self) -> None:
-        if self.clip is not None:
+    def optimizer_step(self, measure_norm: bool = False) -> None:
+        """Clip, step the optimizer and scheduler, clear the gradients. The global gradient norm is kept when
+        clipping (it comes for free) or when `measure_norm`."""
+        if self.clip is not None or measure_norm:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            if self.clip is not None:
+                self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            else:
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                self._grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                                         for g in grads])) if grads else None)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
             self.scaler.update()
@@ -359,6 +374,8 @@ class Trainer:
             if dist.is_timeout(e):
                 raise dist.timeout_error(e, f"step {self.step + 1}") from e
             raise
+        finally:
+            self.progress.close()  # flushes TensorBoard and W&B also when training fails
 
     def oom_report(self, e: BaseException) -> str:
         """One line a person can act on: where it ran out, with what batch and memory, and what to change."""
@@ -384,6 +401,25 @@ class Trainer:
                 f"(x {accum} accumulation steps, precision {self.precision}); {memory}. Try "
                 f"{' or '.join(advice) or 'a smaller model'}; {kept}. ({first})")
 
+    def _timed(self, loader: Any) -> Iterator[Any]:
+        """The loader's batches, adding the time spent waiting for each to `_data_wait`."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self._data_wait += time.perf_counter() - t
+            yield batch
+
+    def _save(self, pos: Position, reason: str, final: bool = False, metrics: dict[str, float] | None = None) -> None:
+        if self.ckpt.last_step == pos.step:
+            return  # saved at this step already
+        t = time.perf_counter()
+        if self.ckpt.save(pos, reason, final=final, metrics=metrics):
+            self.progress.record_checkpoint(pos.step, time.perf_counter() - t)
+
     def _fit(self) -> None:
         t0 = time.perf_counter()
         every = self.log_every
@@ -396,6 +432,9 @@ class Trainer:
             log.info("nothing to train: already at step %d, epoch %d", self.step, self.epoch)
         batches, n_batches = 0, 1
         while not self._done():
+            if self.unfreeze_at is not None and not self.unfrozen and self.epoch >= self.unfreeze_at:
+                self._unfreeze(f"finetune.unfreeze_after_epochs={self.unfreeze_at}, epoch {self.epoch} begins")
+                self._rebuild_ddp()
             self.sampler.set_epoch(self.epoch, start=self.epoch_start)
             self.loader.generator.manual_seed(  # type: ignore[union-attr]
                 data_mod.derive_seed(seed, self.info.rank, self.epoch))
@@ -403,7 +442,7 @@ class Trainer:
             n_batches = len(self.loader)
             micro, group = 0, 1
             step_loss = torch.zeros((), device=self.device)
-            for batch in self.loader:
+            for batch in self._timed(self.loader):
                 if micro == 0:  # a new accumulation group: as many micro-batches as remain, up to accum
                     group = min(self.accum, n_batches - batches)
                     step_loss.zero_()
@@ -413,12 +452,13 @@ class Trainer:
                 if micro < group:
                     continue
                 micro = 0
-                self.optimizer_step()
+                self.optimizer_step(self.measure_norm and (self.step + 1) % every == 0)
                 running += step_loss
                 if self.step == start_step:
                     self.progress.event("first_step", step=self.step + 1)
                 n_running += 1
                 self.step += 1
+                self.progress.tick(self.step)
                 save_now = self.ckpt.due(self.step)
                 if self.step % every == 0 or self._done() or batches == n_batches:
                     save_now |= self._record(running / n_running)
@@ -434,8 +474,8 @@ class Trainer:
                     self.after_validation(metrics)
                     save_now |= self.ckpt.keep_best > 0
                 if save_now:
-                    self.ckpt.save(self.position(batches, n_batches), "validation" if metrics else "interval",
-                                   metrics=metrics)
+                    self._save(self.position(batches, n_batches), "validation" if metrics else "interval",
+                               metrics=metrics)
                 if self._done():
                     break
             if batches == 0 and n_batches == 0:
@@ -449,8 +489,12 @@ class Trainer:
                 batches, n_batches = 0, 1
         elapsed = time.perf_counter() - t0
         log.info("training done: %d steps, %d epochs in %.1f s", self.step, self.epoch, elapsed)
+        if self.compile_options is not None:
+            from torch._dynamo.utils import counters
+            log.info("torch.compile: %d graphs compiled, %d graph breaks", counters["stats"]["unique_graphs"],
+                     sum(counters["graph_break"].values()))
         if self.ckpt.at_end:
-            self.ckpt.save(self.position(batches, n_batches), "end of training", final=True)
+            self._save(self.position(batches, n_batches), "end of training", final=True)
         self.ckpt.wait()
         self.progress.event("train_end", step=self.step, epoch=self.epoch)
         self.progress.close()
@@ -458,7 +502,7 @@ class Trainer:
     def _stop(self, pos: Position) -> None:
         """Every rank agreed to stop (a preemption signal): write one committed checkpoint, leave a marker."""
         log.warning("stop requested: checkpointing at step %d and exiting", pos.step)
-        self.ckpt.save(pos, "preemption signal", final=True)
+        self._save(pos, "preemption signal", final=True)
         self.ckpt.wait()
         if self.info.is_main:
             marker = {"step": pos.step, "job_id": os.environ.get("SLURM_JOB_ID"),
@@ -473,8 +517,13 @@ class Trainer:
         both = torch.stack([mean_loss.float(), torch.tensor(float(self.ckpt.time_due()), device=self.device)])
         both = dist.all_reduce_mean(both)
         loss, timed = float(both[0]), float(both[1]) > 0
-        lr = self.optimizer.param_groups[0].get("lr")
-        self.progress.record(self.step, self.epoch, loss, float(lr) if lr is not None else None)
+        lr = self.optimizer.param_groups[-1].get("lr")  # the last group: parameters outside finetune.lr_groups
+        if self.info.is_main:
+            norm = float(self._grad_norm) if self._grad_norm is not None else None
+            self.progress.record(self.step, self.epoch, loss, float(lr) if lr is not None else None,
+                                 data_wait_s=self._data_wait / max(self.step - self._last_record, 1),
+                                 grad_norm=norm, peak_memory_gib=peak_memory_gib(self.device))
+        self._data_wait, self._last_record, self._grad_norm = 0.0, self.step, None
         return timed
 
 

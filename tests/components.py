@@ -129,3 +129,24 @@ class OOMMLP(nn.Module):
         if self.calls == self.step and int(os.environ.get("RANK", "0")) == self.rank:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 79.15 GiB total)")
         return self.lin(x)
+
+
+class LayoutProbeCNN(nn.Module):
+    """A small CNN for 1x8x8 images that writes, on its first forward in each process, whether its input and its
+    convolution weight are in channels_last memory format, to OUT/layout-rank<r>.txt."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 10)
+        self.seen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.seen:
+            self.seen = True
+            cl = torch.channels_last
+            with open(os.path.join(self.out, f"layout-rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
+                f.write(f"input {x.is_contiguous(memory_format=cl)} weight "
+                        f"{self.conv.weight.is_contiguous(memory_format=cl)}\n")
+        return self.head(torch.relu(self.conv(x)).flatten(1))

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import LAUNCH, export_params, launch_env, run_launch
+from conftest import LAUNCH, checkpoint_params, launch_env, run_launch
 from s3 import free_port
 
 RECIPE = """\
@@ -86,7 +86,7 @@ def test_two_hosts_train_like_one_host_with_four_processes(tmp_path, two_hosts):
     one = tmp_path / "one"
     r = run_launch(str(recipe), "--gpus", "4", "--run-dir", str(one), cwd=tmp_path, timeout=240)
     assert r.returncode == 0, r.stderr
-    two_hosts_params = export_params(tmp_path, run_dir / "checkpoints" / "step-000000010", "two")
-    one_host_params = export_params(tmp_path, one / "checkpoints" / "step-000000010", "one")
+    two_hosts_params = checkpoint_params(run_dir / "checkpoints" / "step-000000010")
+    one_host_params = checkpoint_params(one / "checkpoints" / "step-000000010")
     for k in one_host_params:
         assert torch.equal(two_hosts_params[k], one_host_params[k]), f"{k} differs from the single-host run"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, export_params, launch_env, run_launch
+from conftest import ROOT, checkpoint_params, launch_env, run_launch
 
 pytestmark = pytest.mark.slurm
 
@@ -114,8 +114,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_
     got, expected = losses(run_dir), losses(ref)
     assert sorted(got) == list(range(1, steps + 1))
     assert [s for s in got if got[s] != expected[s]] == [], "per-step losses differ from the uninterrupted job"
-    final = export_params(tmp_path, run_dir / "checkpoints" / f"step-{steps:09d}", "run")
-    want = export_params(tmp_path, ref / "checkpoints" / f"step-{steps:09d}", "ref")
+    final = checkpoint_params(run_dir / "checkpoints" / f"step-{steps:09d}")
+    want = checkpoint_params(ref / "checkpoints" / f"step-{steps:09d}")
     for k in want:
         assert torch.equal(final[k], want[k]), \
             f"{k} differs from the uninterrupted run by {(final[k] - want[k]).abs().max():.3g}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import export_params, launch_env, run_launch
+from conftest import checkpoint_params, launch_env, run_launch
 
 RECIPE = """\
 seed: 2
@@ -33,7 +33,7 @@ def launch(tmp_path: Path, run: str, *args: str, env: dict | None = None):
 
 
 def final(tmp_path: Path, run: str, step: int = 12) -> dict[str, torch.Tensor]:
-    return export_params(tmp_path, tmp_path / run / "checkpoints" / f"step-{step:09d}", f"{run}-{step}")
+    return checkpoint_params(tmp_path / run / "checkpoints" / f"step-{step:09d}")
 
 
 def losses(tmp_path: Path, run: str) -> dict[int, float]:
@@ -156,3 +156,48 @@ def test_frozen_layers_stay_put_and_the_head_learns_at_its_own_rate(tmp_path):
     for k in late:
         same = torch.equal(early[k], late[k])
         assert same if k.startswith("body.") else not same, f"{k} {'changed' if not same else 'did not change'}"
+
+
+def test_unfreeze_after_an_epoch_trains_everything_and_resumes_exactly_across_it(tmp_path):
+    # 16 steps per epoch: net.0 is frozen through epoch 0 and trains from step 17 on, in a new DDP model. A rank
+    # killed at step 22 resumes from step 20 (written after the unfreeze, with optimizer state for net.0).
+    args = ("model._target_=components.KillableMLP", "trainer.max_steps=24", "finetune.freeze=[net.0.*]",
+            "finetune.unfreeze_after_epochs=1", "finetune.lr_groups={net.0.*: 0.02}")
+    ref = launch(tmp_path, "ref", *args)
+    assert ref.returncode == 0, ref.stderr
+    assert "unfroze 2 parameter tensors (finetune.unfreeze_after_epochs=1, epoch 1 begins)" in ref.stdout
+    assert re.search(r"net +132 +1,056\n", ref.stdout) and re.search(r"net +1,188 +0\n", ref.stdout), ref.stdout
+    kill = {"KILL_AT_STEP": "22", "KILL_RANK": "1", "KILL_MARKER": str(tmp_path / "killed")}
+    r = launch(tmp_path, "run", *args, env=kill)
+    assert r.returncode == 1 and "killed by signal SIGKILL" in r.stderr, r.stderr
+    r = launch(tmp_path, "run", *args, env=kill)
+    assert r.returncode == 0, r.stderr
+    assert "step-000000020: step 20, epoch 1" in r.stdout and "the checkpoint was written after it" in r.stdout
+    s4, s16, s24 = (final(tmp_path, "ref", s) for s in (4, 16, 24))
+    assert torch.equal(s4["net.0.weight"], s16["net.0.weight"]), "frozen during epoch 0"
+    assert not torch.equal(s16["net.0.weight"], s24["net.0.weight"]), "trained after the unfreeze"
+    assert not torch.equal(s4["net.3.weight"], s16["net.3.weight"])
+    resumed = final(tmp_path, "run", 24)
+    for k in s24:
+        assert torch.equal(resumed[k], s24[k]), f"{k} differs from the uninterrupted run"
+
+
+def test_compiled_channels_last_model_trains_and_checkpoints_plain_names(tmp_path):
+    # aot_eager: dynamo and AOTAutograd as with the default inductor backend, without its minute of C++ builds
+    recipe = tmp_path / "cnn.yaml"
+    recipe.write_text(f"""\
+model: {{_target_: components.LayoutProbeCNN, out: {tmp_path}}}
+data: {{train: {{_target_: launcher.zoo.datasets.Digits}}, batch_size: 16, num_workers: 0}}
+trainer: {{max_steps: 4, log_every_steps: 2, compile: true, compile_options: {{backend: aot_eager}},
+          channels_last: true}}
+""")
+    r = run_launch(str(recipe), "--gpus", "2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch.compile: the DDP model compiles on its first step (backend=aot_eager)" in r.stdout
+    compiled = re.search(r"torch.compile: (\d+) graphs compiled", r.stdout)
+    assert compiled and int(compiled.group(1)) >= 1, r.stdout
+    for rank in (0, 1):
+        assert (tmp_path / f"layout-rank{rank}.txt").read_text() == "input True weight True\n"
+    params = final(tmp_path, "run", 4)
+    assert sorted(params) == ["conv.bias", "conv.weight", "head.bias", "head.weight"]
+    assert all(0 < v < 5 for v in losses(tmp_path, "run").values())

@@ -74,6 +74,7 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.hash = recipe_hash(cfg)
         self.extras: Callable[[], dict] | None = None  # plain data the trainer keeps in every checkpoint
+        self.before_load: Callable[[dict], None] | None = None  # given a checkpoint's extras before its tensors load
         self.resumed_from: str | None = None
         self.last_step: int | None = None  # step of the newest checkpoint this run committed or resumed from
         self.committed_step: int | None = None  # the same, but only once it is committed
@@ -380,6 +381,8 @@ class Checkpointer:
         storage = self.storage if storage_root == self.storage.root else Storage(storage_root,
                                                                                  self.storage.endpoint_url)
         train_state = json.loads(storage.read_text(storage.sub(path, layout.TRAIN_STATE)))
+        if self.before_load is not None:
+            self.before_load(train_state.get("extras") or {})
         state = self._app_state()
         self._check_shapes(storage, path, state["model"])
         dcp.load(state, storage_reader=dcp_io.reader(storage, path))

@@ -116,3 +116,19 @@ def metadata(storage: Storage, path: str) -> Metadata:
     """The DCP metadata of a checkpoint folder (tensor names, shapes, dtypes), read safely."""
     import io
     return read_metadata(io.BytesIO(storage.read_bytes(storage.sub(path, ".metadata"))))
+
+
+def model_state(storage: Storage, path: str) -> dict[str, torch.Tensor]:
+    """The model's full state_dict from a checkpoint folder, as CPU tensors, read in this process alone."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = metadata(storage, path)
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+        dcp.load(state, storage_reader=reader(storage, path), no_dist=True)
+    return {k[len("model."):]: v for k, v in state.items()}

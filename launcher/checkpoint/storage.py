@@ -121,6 +121,15 @@ class Storage:
     def read_text(self, path: str) -> str:
         return self.read_bytes(path).decode("utf-8")
 
+    def is_dir(self, path: str) -> bool:
+        if not self.remote:
+            return os.path.isdir(path)
+        self._invalidate(path)
+        try:
+            return bool(self._fs.isdir(self._strip(path)))
+        except FileNotFoundError:
+            return False
+
     def exists(self, path: str) -> bool:
         if not self.remote:
             return os.path.exists(path)

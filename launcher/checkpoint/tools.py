@@ -45,19 +45,10 @@ def export(ckpt: str, out: str, endpoint_url: str | None = None) -> int:
     if not info.committed:
         raise UsageError(f"{ckpt} cannot be exported: {info.problem}")
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from . import dcp_io
 
-    meta = dcp_io.metadata(storage, info.path)
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
-        dcp.load(state, storage_reader=dcp_io.reader(storage, info.path), no_dist=True)
-    model = {k[len("model."):]: v for k, v in state.items()}
+    model = dcp_io.model_state(storage, info.path)
     tmp = f"{out}.tmp{os.getpid()}"
     torch.save(model, tmp)
     os.replace(tmp, out)

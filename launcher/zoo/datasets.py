@@ -26,16 +26,21 @@ class SyntheticClassification(Dataset):
 
 
 class Digits(Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), split deterministically."""
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images), split deterministically. `task` 'digit' labels
+    them 0-9; 'parity' labels them even (0) or odd (1), a second task for fine-tuning a digit model."""
 
-    def __init__(self, split: str = "train", val_fraction: float = 0.2, seed: int = 0) -> None:
+    def __init__(self, split: str = "train", val_fraction: float = 0.2, seed: int = 0, task: str = "digit") -> None:
         from sklearn.datasets import load_digits
 
         if split not in ("train", "val"):
             raise ValueError(f"Digits split must be 'train' or 'val', got {split!r}")
+        if task not in ("digit", "parity"):
+            raise ValueError(f"Digits task must be 'digit' or 'parity', got {task!r}")
         bunch = load_digits()
         images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.tensor(bunch.target, dtype=torch.long)
+        if task == "parity":
+            labels = labels % 2
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         n_val = int(len(labels) * val_fraction)
         keep = order[:n_val] if split == "val" else order[n_val:]
