@@ -155,7 +155,7 @@ def _duration(seconds: float) -> str:
 class Sinks:
     """TensorBoard and W&B, written by rank 0 at log steps; each optional."""
 
-    def __init__(self, cfg: Any, run_dir: str) -> None:
+    def __init__(self, cfg: Any, run_dir: str, resumed_step: int | None = None) -> None:
         lg = cfg.logging
         self.tb: Any = None
         self.wandb: Any = None
@@ -168,7 +168,10 @@ class Sinks:
                          "(pip install tensorboard; logging.tensorboard=false says so and silences this)")
         if want_tb:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"), flush_secs=10)
+            # After a resume from step S, hide what the interrupted attempt logged past S: the resumed run logs
+            # those steps again, and TensorBoard would otherwise draw both.
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"), flush_secs=10,
+                                    purge_step=resumed_step + 1 if resumed_step is not None else None)
             log.info("TensorBoard: tensorboard --logdir %s", os.path.join(run_dir, "tb"))
         if lg.wandb:
             self.wandb = _start_wandb(cfg, run_dir)
@@ -224,7 +227,7 @@ class Progress:
     """Rank 0's progress (console bar or lines), <run dir>/metrics.jsonl, and the TensorBoard/W&B sinks."""
 
     def __init__(self, run_dir: str, enabled: bool, max_steps: int | None, global_batch: int, cfg: Any = None,
-                 console: IO[str] | None = None) -> None:
+                 console: IO[str] | None = None, resumed_step: int | None = None) -> None:
         self.enabled = enabled
         self.max_steps = max_steps
         self.global_batch = global_batch
@@ -232,7 +235,7 @@ class Progress:
         self._file = open(self.path, "a") if enabled else None
         self._t = time.perf_counter()
         self._last_step = 0
-        self.sinks = Sinks(cfg, run_dir) if enabled and cfg is not None else None
+        self.sinks = Sinks(cfg, run_dir, resumed_step) if enabled and cfg is not None else None
         self.bar: Bar | None = None
         mode = str(cfg.logging.progress) if cfg is not None else "lines"
         stream = console if console is not None else (_console.stream if _console is not None else None)

@@ -356,7 +356,8 @@ def explain(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         inner = _strip_optional(tp)
-        rows.append((f"{prefix}{f.metadata.get('key', f.name)}", _type_name(tp), f.metadata.get("doc", "")))
+        key = f"{prefix}{f.metadata.get('key', f.name)}"
+        rows.append((key, _type_name(tp, key), f.metadata.get("doc", "")))
         if dataclasses.is_dataclass(inner):
             rows.extend(explain(inner, f"{prefix}{f.name}."))
     return rows
@@ -370,13 +371,13 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: Any, key: str = "") -> str:
     optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
     inner = _strip_optional(tp)
     if dataclasses.is_dataclass(inner):
         name = "section"
     elif typing.get_origin(inner) in (dict, Dict):
-        name = "component"
+        name = "component" if key in COMPONENT_KEYS or key == "data.val" else "mapping"
     elif typing.get_origin(inner) in (list, List):
         name = "list"
     else:

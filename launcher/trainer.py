@@ -202,7 +202,8 @@ class Trainer:
             self.ddp = self._wrap(model)
         limits = [self.max_steps, self.max_epochs and self.max_epochs * len(self.loader)]
         total = min(x for x in limits if x) if any(limits) else None
-        self.progress = Progress(run_dir, self.info.is_main, total, global_batch, cfg)
+        self.progress = Progress(run_dir, self.info.is_main, total, global_batch, cfg,
+                                 resumed_step=pos.step if pos is not None else None)
         self.measure_norm = bool(cfg.logging.grad_norm)
         self._grad_norm: torch.Tensor | None = None  # the latest measured (a tensor: read only at log steps)
         self._data_wait = 0.0  # seconds spent waiting for the loader since the last log step
