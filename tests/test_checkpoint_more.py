@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import launch_env, run_launch
-from test_checkpoint import LOCAL_ONLY, RECIPE, final_params, launch, losses
+from test_checkpoint import RECIPE, final_params, launch, losses
 
 
-@LOCAL_ONLY
-@pytest.mark.parametrize("world", [1, 3])
+# each storage once: the reshard and the data position do not depend on where the checkpoint lies
+@pytest.mark.parametrize("store_kind,world", [("local", 1), ("s3", 3)], indirect=["store_kind"])
 def test_resume_on_another_world_size_sees_each_sample_once(tmp_path, store, world):
     recipe = tmp_path / "probe.yaml"
     recipe.write_text("""\
@@ -48,7 +48,7 @@ checkpoint: {keep: 0}
     assert sorted(before + after) == list(range(192)), "a sample of the interrupted epoch was repeated or skipped"
 
 
-@LOCAL_ONLY
+@pytest.mark.parametrize("store_kind", ["s3"], indirect=True)  # the check reads metadata through the storage
 def test_incompatible_model_names_parameter_and_shapes(tmp_path, store):
     r = launch(tmp_path, store, "run", "trainer.max_steps=4")
     assert r.returncode == 0, r.stderr
