@@ -262,11 +262,17 @@ class Trainer:
         all-reduced only when `sync` (the last micro-batch of an accumulation group)."""
         inputs, targets = self._inputs_targets(batch)
         with contextlib.nullcontext() if sync else self.ddp.no_sync():
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with self._autocast():
                 loss = self.loss_fn(self.ddp(inputs), targets)
             scaled = loss.float() * share if share != 1.0 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach().float()
+
+    def _autocast(self) -> Any:
+        """Autocast to the recipe's precision; no context at all in fp32 (entering a disabled one costs time)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def optimizer_step(self, measure_norm: bool = False) -> None:
         """Clip, step the optimizer and scheduler, clear the gradients. The global gradient norm is kept when
@@ -311,7 +317,7 @@ class Trainer:
         with torch.no_grad():
             for batch in self.val_loader:
                 inputs, targets = self._inputs_targets(batch)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with self._autocast():
                     out = self.model(inputs)
                     loss = self.loss_fn(out, targets)
                 n = targets.shape[0] if isinstance(targets, torch.Tensor) and targets.ndim > 0 else 1
@@ -442,14 +448,18 @@ class Trainer:
             batches = 0
             n_batches = len(self.loader)
             micro, group = 0, 1
-            step_loss = torch.zeros((), device=self.device)
+            step_loss = torch.zeros((), device=self.device)  # the current step's loss (mean over its micro-batches)
             for batch in self._timed(self.loader):
                 if micro == 0:  # a new accumulation group: as many micro-batches as remain, up to accum
                     group = min(self.accum, n_batches - batches)
-                    step_loss.zero_()
+                    if group > 1:
+                        step_loss = torch.zeros((), device=self.device)
                 micro += 1
                 batches += 1
-                step_loss += self.micro_step(batch, 1.0 / group, sync=micro == group) / group
+                if group == 1:
+                    step_loss = self.micro_step(batch, 1.0, sync=True)
+                else:
+                    step_loss += self.micro_step(batch, 1.0 / group, sync=micro == group) / group
                 if micro < group:
                     continue
                 micro = 0
