@@ -95,3 +95,44 @@ def test_sampler_resume_on_other_world_covers_rest_once(new_world):
         lengths.add(-(-len(s) // batch))
     assert sorted(order[:start] + rest) == list(range(n))
     assert len(lengths) == 1, "ranks would run different numbers of batches"
+
+
+class _RunsCode:
+    """Unpickling this would run a shell command (what a crafted checkpoint entry could do)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_planner_reads_plain_entries_and_refuses_objects(tmp_path):
+    import io
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from launcher.checkpoint.dcp_io import SafeLoadPlanner
+
+    def item(fqn: str) -> ReadItem:
+        index = MetadataIndex(fqn)
+        return ReadItem(LoadItemType.BYTE_IO, index, torch.Size([]), index, torch.Size([]), torch.Size([]))
+
+    def saved(obj) -> io.BytesIO:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        return buf
+
+    planner = SafeLoadPlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+    planner.load_bytes(item("optim.param_groups.0.betas"), saved((0.9, 0.999)))
+    assert planner.state_dict["optim.param_groups.0.betas"] == (0.9, 0.999)
+    marker = tmp_path / "ran"
+    with pytest.raises(pickle.UnpicklingError, match=r"'optim.param_groups.0.lr' holds an object that is not plain"):
+        planner.load_bytes(item("optim.param_groups.0.lr"), saved(_RunsCode(str(marker))))
+    assert not marker.exists(), "loading a checkpoint entry ran code"

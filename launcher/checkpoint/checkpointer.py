@@ -385,7 +385,7 @@ class Checkpointer:
             self.before_load(train_state.get("extras") or {})
         state = self._app_state()
         self._check_shapes(storage, path, state["model"])
-        dcp.load(state, storage_reader=dcp_io.reader(storage, path))
+        dcp.load(state, storage_reader=dcp_io.reader(storage, path), planner=dcp_io.SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.scheduler is not None and train_state.get("scheduler") is not None:
             self.scheduler.load_state_dict(train_state["scheduler"])

@@ -1,6 +1,7 @@
 """torch.distributed.checkpoint readers and writers for a Storage, with a metadata reader that unpickles nothing
-but DCP's own metadata classes (DCP's stock reader runs `pickle.load` on `.metadata`; tensor files are read with
-`torch.load(weights_only=True)`)."""
+but DCP's own metadata classes (DCP's stock reader runs `pickle.load` on `.metadata`), and a load planner that reads
+non-tensor entries (the optimizer's param_groups) with `torch.load(weights_only=True)` (DCP's stock planner uses
+weights_only=False). Tensor data is raw storage, never unpickled."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.staging import AsyncStager
 
@@ -38,6 +41,24 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(stream: Any) -> Metadata:
     return _MetadataUnpickler(stream).load()
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that a non-tensor entry is read with weights_only=True: plain Python
+    data (numbers, strings, tuples, lists, dicts) loads, any other object is refused instead of run."""
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"checkpoint entry '{read_item.dest_index.fqn}' holds an object that is "
+                                         f"not plain data; refusing to load it ({str(e).splitlines()[0][:200]})") \
+                from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # what DCP's own planner uses
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 class _SafeMetadataMixin:
@@ -130,5 +151,5 @@ def model_state(storage: Storage, path: str) -> dict[str, torch.Tensor]:
              if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
-        dcp.load(state, storage_reader=reader(storage, path), no_dist=True)
+        dcp.load(state, storage_reader=reader(storage, path), planner=SafeLoadPlanner(), no_dist=True)
     return {k[len("model."):]: v for k, v in state.items()}
