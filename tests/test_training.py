@@ -201,3 +201,15 @@ trainer: {{max_steps: 4, log_every_steps: 2, compile: true, compile_options: {{b
     params = final(tmp_path, "run", 4)
     assert sorted(params) == ["conv.bias", "conv.weight", "head.bias", "head.weight"]
     assert all(0 < v < 5 for v in losses(tmp_path, "run").values())
+
+
+def test_gradient_clipping_bounds_the_update_and_reports_the_norm(tmp_path):
+    # plain SGD (lr 0.1): the update from step 1 to step 2 is exactly lr x the clipped gradient, whose global norm
+    # is the clip value; the reported norm is the one before clipping
+    r = launch(tmp_path, "run", "trainer.max_steps=2", "checkpoint.every_steps=1", "trainer.grad_clip_norm=1.0e-4")
+    assert r.returncode == 0, r.stderr
+    one, two = final(tmp_path, "run", 1), final(tmp_path, "run", 2)
+    update = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(two[k] - one[k]) for k in one]))
+    assert abs(float(update) - 0.1 * 1.0e-4) < 1e-8, f"update norm {float(update):.3g}, expected 1e-05"
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["grad_norm"] > 1e-2 for row in rows), rows
