@@ -2,8 +2,14 @@
 
 The sampler's order is a function of (seed, epoch) only, so a run that resumes at a global sample offset sees
 exactly the samples an uninterrupted run would, on any world size. Loader worker seeds differ per rank and
-worker: each rank's loader draws them from a generator seeded by (seed, rank, epoch), and every worker seeds
-python's and numpy's generators from its own torch seed (torch seeds only its own).
+worker: each rank's loader draws them from a generator seeded by (seed, rank), and every worker seeds python's and
+numpy's generators from its own torch seed (torch seeds only its own).
+
+Random augmentation in loader workers is reproducible per sample: before a worker loads sample i of epoch e it
+seeds python's, numpy's and torch's generators from (seed, e, i). A sample's random draws are then the same on any
+rank, worker count or world size, and after a resume mid-epoch, where a worker's own stream (which no checkpoint
+can hold) would have moved on differently. In the main process (num_workers=0) nothing is reseeded: the rank's
+own streams are in every checkpoint.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class DistributedSampler(torch.utils.data.DistributedSampler):
         self.batch_size = batch_size
         self.start = 0
         self._own: list[int] | None = None
+        self.with_epoch = False  # yield (epoch, index) pairs, for SeededSamples
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Begin `epoch`, skipping the first `start` samples of its global order (already trained on)."""
@@ -89,8 +96,51 @@ class DistributedSampler(torch.utils.data.DistributedSampler):
     def __len__(self) -> int:
         return len(self._mine())
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
+        if self.with_epoch:
+            return iter([(self.epoch, i) for i in self._mine()])
         return iter(self._mine())
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(base: int, index: int) -> int:
+    """A 63-bit seed for sample `index` from an epoch's base seed (splitmix64's finaliser; about a microsecond)."""
+    z = (base + (index + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+class SeededSamples(Dataset):
+    """A training dataset as loader workers see it: given (epoch, index), seed python, numpy and torch from
+    (seed, epoch, index), then return dataset[index]. Attributes of the dataset read through."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self._bases: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        epoch, index = key
+        if torch.utils.data.get_worker_info() is not None:
+            base = self._bases.get(epoch)
+            if base is None:
+                base = self._bases[epoch] = derive_seed(self.seed, epoch)
+            s = _mix(base, index)
+            random.seed(s)
+            np.random.seed(s & 0xFFFFFFFF)
+            torch.default_generator.manual_seed(s)
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "dataset":  # not set yet while unpickling in a worker
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def seed_loader_worker(worker_id: int) -> None:
@@ -124,6 +174,8 @@ def build_loader(data_cfg: Any, dataset: Dataset, *, seed: int, info: RankInfo |
         kwargs["persistent_workers"] = bool(data_cfg.persistent_workers)
         if data_cfg.prefetch_factor is not None:
             kwargs["prefetch_factor"] = int(data_cfg.prefetch_factor)
+        sampler.with_epoch = True
+        dataset = SeededSamples(dataset, seed)
     generator = torch.Generator()
     generator.manual_seed(derive_seed(seed, info.rank))
     return DataLoader(dataset, batch_size=int(data_cfg.batch_size), sampler=sampler, num_workers=workers,

@@ -25,6 +25,42 @@ class IndexDataset(Dataset):
         return torch.tensor([float(i)]), 0
 
 
+class AugmentedClassification(Dataset):
+    """SyntheticClassification with random augmentation drawn from python's, numpy's and torch's generators in
+    __getitem__ (in loader workers): exact resume needs every draw of an interrupted run to come back."""
+
+    def __init__(self, num_samples: int = 256, num_features: int = 32) -> None:
+        from launcher.zoo.datasets import SyntheticClassification
+        self.base = SyntheticClassification(num_samples=num_samples, num_features=num_features)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return x * scale + 0.05 * torch.randn(x.shape), y
+
+
+class DrawsDataset(Dataset):
+    """Item i is [i, a python, a numpy and a torch random draw] (what random augmentation would use)."""
+
+    def __init__(self, n: int = 24) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i), random.random(), float(np.random.rand()), float(torch.rand(()))],
+                            dtype=torch.float64)
+
+
+def tagging_collate(batch):
+    """A collate_fn that marks its batches, so a test sees the recipe's collate_fn was used."""
+    return torch.stack(batch), torch.full((len(batch),), 7)
+
+
 class IndexProbe(nn.Module):
     """Records the sample indices of every batch it sees to OUT/indices-rank<r>.txt, one line per batch."""
 
@@ -40,7 +76,7 @@ class IndexProbe(nn.Module):
 
 
 class SeedProbeDataset(Dataset):
-    """Writes (rank, worker, torch seed, numpy draw, python draw) for each item it serves to OUT/seeds.txt."""
+    """Writes (rank, worker, the worker's seed, numpy draw, python draw) for each item it serves to OUT/seeds.txt."""
 
     def __init__(self, out: str, n: int = 32) -> None:
         self.out = out
@@ -51,7 +87,8 @@ class SeedProbeDataset(Dataset):
 
     def __getitem__(self, i: int):
         info = torch.utils.data.get_worker_info()
-        row = (os.environ.get("RANK"), info.id if info else -1, torch.initial_seed(), int(np.random.randint(2**31)),
+        row = (os.environ.get("RANK"), info.id if info else -1, info.seed if info else torch.initial_seed(),
+               int(np.random.randint(2**31)),
                random.randrange(2**31))
         with open(os.path.join(self.out, "seeds.txt"), "a") as f:
             f.write(" ".join(map(str, row)) + "\n")

@@ -19,7 +19,7 @@ RECIPE = """\
 seed: 7
 model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4, dropout: 0.2}
 data:
-  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 256}
+  train: {_target_: components.AugmentedClassification, num_samples: 256}  # random draws in loader workers
   batch_size: 16
   num_workers: 2
 optimizer: {_target_: torch.optim.AdamW, lr: 1.0e-2}
@@ -93,12 +93,13 @@ def test_sigkill_mid_epoch_then_relaunch_resumes_exactly(tmp_path, store, refere
 
 
 def test_kill_during_checkpoint_write_falls_back_to_previous(tmp_path, store, reference):
-    r = launch(tmp_path, store, "run", env={"LAUNCHER_FAULT": "save.after_shards:8:1"})
+    # keep=1: the only committed checkpoint must survive the failed write of its successor
+    r = launch(tmp_path, store, "run", "checkpoint.keep=1", env={"LAUNCHER_FAULT": "save.after_shards:8:1"})
     assert r.returncode == 1
     listing = run_launch("ckpt", "ls", store.url("run"), cwd=tmp_path, env=launch_env(**store.env)).stdout
     assert re.search(r"8 .*NOT COMMITTED: \S+manifest.json is missing", listing), listing
     assert re.search(r"4 .*committed, latest", listing), listing
-    r = launch(tmp_path, store, "run")
+    r = launch(tmp_path, store, "run", "checkpoint.keep=1")
     assert r.returncode == 0, r.stderr
     assert re.search(r"resume: skipped \S+step-000000008: \S+manifest.json is missing", r.stdout + r.stderr)
     assert "resume: from" in r.stdout and "step-000000004: step 4" in r.stdout
