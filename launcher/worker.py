@@ -2,15 +2,26 @@
 
 It reads RUN_DIR/config.yaml, sends its output to RUN_DIR/logs/rank<r>.log, then runs either the built-in trainer
 or the user's own script (with the torchrun environment already set), and always tears the process group down.
+
+A rank that finishes leaves without Python's interpreter finalization, as multiprocessing's children do: it waits
+for its non-daemon threads, runs the atexit handlers (logging, W&B), flushes every open Python file, then exits.
+Finalization can kill a finished rank with SIGABRT: a gloo worker thread that drops its last reference to a
+completed collective while the interpreter is shutting down cannot take the GIL, and the thread's forced exit
+through a C++ destructor aborts the process (more likely on a loaded machine, and also in plain torchrun scripts
+that call destroy_process_group while their DDP model still holds the group).
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
+import io
 import logging
 import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
 from types import FrameType
 
@@ -86,5 +97,32 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+def exit_now(code: int) -> None:
+    """Leave the process with `code` after what a normal exit does for Python code, minus the finalization."""
+    shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, as interpreter exit does
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for obj in gc.get_objects():  # buffered data of files a script left open would be lost otherwise
+        if isinstance(obj, io.IOBase):
+            try:
+                if not obj.closed:
+                    obj.flush()
+            except Exception:  # a file that cannot flush now could not at exit either
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+        exit_now(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    exit_now(0)

@@ -168,19 +168,28 @@ def test_script_through_public_api_and_its_failure(tmp_path):
     assert "api script rank 0/2 local 0 device cpu samples [0, 2, 4, 6, 8, 10, 12, 14, 16, 18] argv ['x']" \
         in rank_log(run_dir, 0)
     assert "api script rank 1/2 local 1 device cpu samples [1, 3, 5" in rank_log(run_dir, 1)
+    for rank in (0, 1):  # a finished rank exits as Python would: threads joined, atexit run, open files flushed
+        assert (tmp_path / f"left-open-rank{rank}.txt").read_text() == "buffered, never flushed by the script\n"
+        assert (tmp_path / f"atexit-rank{rank}.txt").read_text() == "ran\n"
+        assert (tmp_path / f"thread-rank{rank}.txt").read_text() == "done\n"
     r = run_launch(script, "--gpus", "2", "--", "--fail", cwd=tmp_path)
     assert r.returncode == 1
     assert "rank 1" in r.stderr and "ValueError: api script failure on purpose" in r.stderr
     assert "process group destroyed" in rank_log(run_dir, 1)
 
 
-def test_script_recipe_with_module(tmp_path):
-    recipe = "script:\n  module: plain_ddp\n  args: ['--steps', '2']\nlaunch:\n  gpus_per_node: 2\n"
+def test_script_module_from_recipe_and_from_dash_m(tmp_path):
+    recipe = ("script:\n  module: plain_ddp\n  args: ['--steps', '2']\nlaunch:\n  gpus_per_node: 2\n"
+              "run: {dir: elsewhere/mod-run}\n")
     env = launch_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "recipes" / "scripts"), env["PYTHONPATH"]])
     r = run_launch(write(tmp_path, recipe, "mod.yaml"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert "plain script rank 1 finished 2 steps" in rank_log(tmp_path / "runs" / "mod", 1)
+    # run.dir from the recipe (relative to where launch runs) holds the logs
+    assert "plain script rank 1 finished 2 steps" in rank_log(tmp_path / "elsewhere" / "mod-run", 1)
+    r = run_launch("-m", "plain_ddp", "--gpus", "2", "--", "--steps", "1", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "plain script rank 1 finished 1 steps" in rank_log(tmp_path / "runs" / "plain_ddp", 1)
 
 
 def _free_port() -> int:
