@@ -104,7 +104,9 @@ def exit_now(code: int) -> None:
         shutdown()
     atexit._run_exitfuncs()
     for obj in gc.get_objects():  # buffered data of files a script left open would be lost otherwise
-        if isinstance(obj, io.IOBase):
+        # type(), not isinstance(): isinstance reads obj.__class__, which a dead weak proxy or a deprecated
+        # module attribute answers with an error or a warning
+        if issubclass(type(obj), io.IOBase):
             try:
                 if not obj.closed:
                     obj.flush()

@@ -1,6 +1,7 @@
 """The Checkpointer on real gloo process groups in processes of this test: a 2-rank checkpoint loaded into 1 and
 3 ranks holds exactly the model and optimizer the 2 ranks had (each rank wrote about half of it), and a background
-save has at most one save in flight and commits only after every rank's shard is on disk."""
+save has at most one save in flight and commits only after every rank's shard is on disk. The resharding runs
+against local disk and the S3 endpoint."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ seed: 3
 model: {_target_: torch.nn.Identity}
 data: {train: {_target_: launcher.zoo.datasets.SyntheticClassification}, batch_size: 4}
 trainer: {max_steps: 10}
-checkpoint: {dir: "%s", keep: 0}
+checkpoint: {keep: 0}
 """
 
 
@@ -31,11 +32,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, fn, *args) -> None:
+def _rank_main(rank: int, world: int, port: int, env: dict, fn, *args) -> None:
     """One rank: join a gloo group, run fn(rank, *args), leave the group. fn's objects (a DDP model among them)
     are gone before the group is destroyed, as in a training run."""
     import faulthandler
     faulthandler.dump_traceback_later(50, exit=False)  # a hang shows where each rank stands
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
@@ -45,10 +47,10 @@ def _rank_main(rank: int, world: int, port: int, fn, *args) -> None:
         tdist.destroy_process_group()
 
 
-def _spawn(fn, world: int, *args, timeout: float = 60) -> None:
+def _spawn(fn, world: int, *args, env: dict | None = None, timeout: float = 60) -> None:
     """Run fn(rank, *args) on each rank of a `world`-process gloo group; a rank's exception fails the test, and
     so does a hang (a collective that never completes)."""
-    ctx = mp.start_processes(_rank_main, args=(world, _free_port(), fn, *args), nprocs=world, start_method="spawn",
+    ctx = mp.start_processes(_rank_main, args=(world, _free_port(), env or {}, fn, *args), nprocs=world, start_method="spawn",
                              join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
@@ -58,11 +60,11 @@ def _spawn(fn, world: int, *args, timeout: float = 60) -> None:
             raise AssertionError(f"{fn.__name__} on {world} ranks did not finish in {timeout:.0f} s (a hang)")
 
 
-def _cfg(tmp: str, *overrides: str):
+def _cfg(tmp: str, ckpt: str, *overrides: str):
     from launcher import recipe
     path = Path(tmp) / "recipe.yaml"
-    path.write_text(RECIPE % (Path(tmp) / "ckpt"))
-    return recipe.load(str(path), list(overrides)).cfg
+    path.write_text(RECIPE)
+    return recipe.load(str(path), [f"checkpoint.dir={ckpt}", *overrides]).cfg
 
 
 def _model() -> nn.Module:
@@ -70,17 +72,17 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 3))
 
 
-def _parts(tmp: str, *overrides: str):
+def _parts(tmp: str, ckpt: str, *overrides: str):
     from launcher.checkpoint.checkpointer import Checkpointer
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
-    return model, optimizer, scheduler, Checkpointer(_cfg(tmp, *overrides), tmp, model, optimizer, scheduler)
+    return model, optimizer, scheduler, Checkpointer(_cfg(tmp, ckpt, *overrides), tmp, model, optimizer, scheduler)
 
 
-def _train_and_save(rank: int, tmp: str) -> None:
+def _train_and_save(rank: int, tmp: str, url: str) -> None:
     from launcher.checkpoint.checkpointer import Position
-    model, optimizer, scheduler, ckpt = _parts(tmp)
+    model, optimizer, scheduler, ckpt = _parts(tmp, url)
     ddp = nn.parallel.DistributedDataParallel(model)
     g = torch.Generator().manual_seed(rank)
     for _ in range(3):  # ranks see different data; DDP keeps their models equal
@@ -107,8 +109,8 @@ def _assert_same_state(model, optimizer, scheduler, saved: dict, who: str) -> No
     assert scheduler.state_dict() == saved["scheduler"], who
 
 
-def _load_and_compare(rank: int, tmp: str) -> None:
-    model, optimizer, scheduler, ckpt = _parts(tmp)
+def _load_and_compare(rank: int, tmp: str, url: str) -> None:
+    model, optimizer, scheduler, ckpt = _parts(tmp, url)
     pos = ckpt.resume("auto")
     assert (pos.step, pos.sample_offset) == (3, 48)
     _assert_same_state(model, optimizer, scheduler, torch.load(Path(tmp) / "saved.pt", weights_only=True),
@@ -116,18 +118,21 @@ def _load_and_compare(rank: int, tmp: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the 1-rank load runs without a group
-def test_two_rank_checkpoint_loads_into_one_and_three_ranks_with_equal_values(tmp_path):
-    _spawn(_train_and_save, 2, str(tmp_path))
-    manifest = json.loads((tmp_path / "ckpt" / "step-000000003" / "manifest.json").read_text())
+def test_two_rank_checkpoint_loads_into_one_and_three_ranks_with_equal_values(tmp_path, store, monkeypatch):
+    url = store.url("run")
+    _spawn(_train_and_save, 2, str(tmp_path), url, env=store.env)
+    manifest = json.loads(store._fs().cat_file(f"{url}/step-000000003/manifest.json"))
     shards = [manifest["files"][f"__{r}_0.distcp"] for r in (0, 1)]
     assert min(shards) > 0.3 * sum(shards), f"the ranks did not split the replicated state: shard bytes {shards}"
     # one rank, in this process (no process group), then three
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        os.environ.pop(k, None)
-    model, optimizer, scheduler, ckpt = _parts(str(tmp_path))
+        monkeypatch.delenv(k, raising=False)
+    for k, v in store.env.items():
+        monkeypatch.setenv(k, v)
+    model, optimizer, scheduler, ckpt = _parts(str(tmp_path), url)
     assert ckpt.resume("auto").step == 3
     _assert_same_state(model, optimizer, scheduler, torch.load(tmp_path / "saved.pt", weights_only=True), "1 rank")
-    _spawn(_load_and_compare, 3, str(tmp_path))
+    _spawn(_load_and_compare, 3, str(tmp_path), url, env=store.env)
 
 
 # ------------------------------------------------------------------------------------------ background saves
@@ -160,7 +165,7 @@ def _async_saves(rank: int, tmp: str) -> None:
         events.append(("commit-end", train_state["step"], time.time()))
 
     ck.dcp_io.writer, ck.Checkpointer._commit = writer, commit
-    model, optimizer, scheduler, ckpt = _parts(tmp, "checkpoint.async=true")
+    model, optimizer, scheduler, ckpt = _parts(tmp, str(Path(tmp) / "ckpt"), "checkpoint.async=true")
     model(torch.randn(2, 12)).sum().backward()
     optimizer.step()
     manifest = Path(tmp) / "ckpt" / "step-000000001" / "manifest.json"
