@@ -1,12 +1,13 @@
 """Checkpoint save/load speed, printed as a table (not a test):
 
-    .venv/bin/python bench/bench_checkpoint.py [--gb 1.0] [--s3-gb 0.25]
+    .venv/bin/python bench/bench_checkpoint.py [--gb 1.0] [--s3-gb 0.25] [--repeats 3]
 
 2 CPU ranks, a model + AdamW state of about --gb GB. Compares the launcher's sharded save (sync, and async with
 its training stall), a torch.save of the full state on rank 0, and the disk's sequential write speed with fsync
 (dd) as the physical limit; then the same launcher save/load against an S3 endpoint (moto's server, in memory,
 on 127.0.0.1). Targets: sync save within 1.5x of the disk limit; async stall < 10% of the sync save; faster than
-torch.save on rank 0.
+torch.save on rank 0. Local numbers are the median of --repeats runs (a VM's disk varies from run to run), the
+dd limit measured before each.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,11 +52,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--s3-gb", type=float, default=0.25)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-ckpt-", dir=str(ROOT / "bench"))
     try:
-        disk = dd_gbps(tmp, a.gb)
-        local = worker(os.path.join(tmp, "ckpt"), a.gb)
+        disks, runs = [], []
+        for i in range(a.repeats):
+            disks.append(dd_gbps(tmp, a.gb))
+            runs.append(worker(os.path.join(tmp, f"ckpt{i}"), a.gb))
+            shutil.rmtree(os.path.join(tmp, f"ckpt{i}"), ignore_errors=True)
+        disk = statistics.median(disks)
+        local = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         from s3 import S3Server
         with S3Server() as server:
             server.make_bucket("bench")
@@ -72,7 +80,8 @@ def main() -> None:
         ("torch.save of full state on rank 0 (+fsync)", local["torch_save_s"], None, None),
         ("torch.load of that file", local["torch_load_s"], None, None),
     ]
-    print(f"state: {gb:.2f} GB (model + AdamW moments), 2 CPU ranks")
+    print(f"state: {gb:.2f} GB (model + AdamW moments), 2 CPU ranks; local: median of {a.repeats} runs "
+          f"(dd {', '.join(f'{d:.2f}' for d in disks)} GB/s)")
     print(f"{'operation':52} {'seconds':>8} {'GB/s':>7}")
     for name, s, _, rate in rows:
         print(f"{name:52} {s:8.2f} {(rate or gb / s):7.2f}")

@@ -6,6 +6,8 @@ weights_only=False). Tensor data is raw storage, never unpickled."""
 from __future__ import annotations
 
 import pickle
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -88,7 +90,12 @@ def writer(storage: Storage, path: str, thread_count: int = 1, cache_staging: bo
 
 class ReusingStager(AsyncStager):
     """Async-save staging into host buffers that are allocated once and reused by every later save (DCP's own
-    cache pins memory, which needs CUDA). A copy is what makes training safe to go on while the write runs."""
+    cache pins memory, which needs CUDA). A copy is what makes training safe to go on while the write runs.
+
+    On the CPU the copy is done when stage() returns. From CUDA the copies into pinned memory are queued on the
+    current stream and stage() returns a future that completes when they have landed: training goes on at once
+    (its next kernels on that stream run after the copies, so they cannot change what is copied), and the
+    writer thread waits for the future before it reads a byte."""
 
     _synchronize_after_execute = False
 
@@ -103,7 +110,22 @@ class ReusingStager(AsyncStager):
         if self._buffers is None or keys != self._keys:
             self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
             self._keys = keys
-        return _copy_state_dict(state_dict, self._buffers, non_blocking=torch.cuda.is_available())
+        cuda = torch.cuda.is_available()
+        staged = _copy_state_dict(state_dict, self._buffers, non_blocking=cuda)
+        if not cuda:
+            return staged
+        event = torch.cuda.Event()
+        event.record()
+        future: Future = Future()
+
+        def landed() -> None:
+            try:
+                event.synchronize()
+                future.set_result(staged)
+            except BaseException as e:  # surfaces in the writer, which fails the save
+                future.set_exception(e)
+        threading.Thread(target=landed, name="checkpoint-staging", daemon=True).start()
+        return future
 
     def synchronize_staging(self) -> None:
         if torch.cuda.is_available():
