@@ -1,6 +1,6 @@
 """Launcher overhead, printed as a table (not a test):
 
-    .venv/bin/python bench/bench_launch.py [--repeats 3] [--steps 600]
+    .venv/bin/python bench/bench_launch.py [--repeats 10] [--steps 1500]
 
 1. steps/s of the built-in trainer vs a hand-written DDP loop (same model/data/optimizer, 2 CPU processes);
    target ratio >= 0.97. Rate = steps between the first and last metrics rows / time between them; data in
@@ -81,8 +81,8 @@ def wall(cmd: list[str], repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=1500)
     a = ap.parse_args()
     ours, base = [], []
     for i in range(a.repeats):  # interleaved, alternating who goes first, so drift hits both alike
