@@ -471,14 +471,18 @@ class Trainer:
                 self.step += 1
                 self.progress.tick(self.step)
                 save_now = self.ckpt.due(self.step)
+                check_stop = self.stop_every_step or self.step % every == 0
                 if self.step % every == 0 or self._done() or batches == n_batches:
-                    save_now |= self._record(running / n_running)
+                    timed, stop = self._record(running / n_running)  # the stop flag rides on the loss all-reduce
+                    stop = stop and not self._done()  # a run at its last step ends normally
+                    save_now |= timed
                     running.zero_()
                     n_running = 0
-                if self.stop_every_step or self.step % every == 0:
-                    if dist.any_rank(dist.STOP.requested, self.device):
-                        self._stop(self.position(batches, n_batches))
-                        return
+                else:
+                    stop = check_stop and dist.any_rank(dist.STOP.requested, self.device)
+                if stop:
+                    self._stop(self.position(batches, n_batches))
+                    return
                 metrics = None
                 if self._validation_due(batches, n_batches):
                     metrics = self.validate()
@@ -523,11 +527,12 @@ class Trainer:
         self.progress.event("preempted", step=pos.step)
         self.progress.close()
 
-    def _record(self, mean_loss: torch.Tensor) -> bool:
-        """Log the loss averaged over ranks; returns whether the ranks agree a timed checkpoint is due."""
-        both = torch.stack([mean_loss.float(), torch.tensor(float(self.ckpt.time_due()), device=self.device)])
-        both = dist.all_reduce_mean(both)
-        loss, timed = float(both[0]), float(both[1]) > 0
+    def _record(self, mean_loss: torch.Tensor) -> tuple[bool, bool]:
+        """Log the loss averaged over ranks. One all-reduce also tells every rank whether any rank finds a timed
+        checkpoint due and whether any rank was asked to stop: returns (checkpoint due, stop)."""
+        flags = torch.tensor([float(self.ckpt.time_due()), float(dist.STOP.requested)], device=self.device)
+        both = dist.all_reduce_mean(torch.cat([mean_loss.float().reshape(1), flags]))
+        loss, timed, stop = float(both[0]), float(both[1]) > 0, float(both[2]) > 0
         lr = self.optimizer.param_groups[-1].get("lr")  # the last group: parameters outside finetune.lr_groups
         if self.info.is_main:
             norm = float(self._grad_norm) if self._grad_norm is not None else None
@@ -535,7 +540,7 @@ class Trainer:
                                  data_wait_s=self._data_wait / max(self.step - self._last_record, 1),
                                  grad_norm=norm, peak_memory_gib=peak_memory_gib(self.device))
         self._data_wait, self._last_record, self._grad_norm = 0.0, self.step, None
-        return timed
+        return timed, stop
 
 
 def train(cfg: DictConfig, run_dir: str) -> None:

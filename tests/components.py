@@ -116,7 +116,8 @@ class FailingMLP(nn.Module):
 class KillableMLP(nn.Module):
     """An MLP with dropout that SIGKILLs its own rank once, at forward call KILL_AT_STEP on rank KILL_RANK, when
     those variables are set and KILL_MARKER does not exist yet (it creates it); that sleeps for an hour at forward
-    call HANG_AT_STEP on rank HANG_RANK. Otherwise a plain MLP."""
+    call HANG_AT_STEP on rank HANG_RANK; that sends itself SIGUSR2 (a stop request) at forward call USR2_AT_STEP on
+    rank USR2_RANK. Otherwise a plain MLP."""
 
     def __init__(self, in_features: int = 32, hidden: int = 16, out_features: int = 4, dropout: float = 0.1,
                  step_sleep: float = 0.0) -> None:
@@ -133,6 +134,8 @@ class KillableMLP(nn.Module):
                 and not os.path.exists(marker):
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("USR2_AT_STEP") == str(self.calls) and os.environ.get("RANK") == os.environ.get("USR2_RANK"):
+            os.kill(os.getpid(), signal.SIGUSR2)
         if os.environ.get("HANG_AT_STEP") == str(self.calls) and os.environ.get("RANK") == os.environ.get("HANG_RANK"):
             import time
             time.sleep(3600)  # a hung rank: its peers wait for it in the next collective

@@ -144,3 +144,24 @@ def test_killed_worker_restarts_group_and_resumes_exactly(tmp_path, store, refer
     assert "restart 0" in log1 and "restart 1" in log1, log1[-2000:]
     assert re.search(r"resume: from \S+step-000000012: step 12", r.stdout), r.stdout
     assert_matches(reference, tmp_path, store, "run")
+
+
+@LOCAL_ONLY
+def test_stop_request_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, store, reference):
+    """SIGUSR2 reaches rank 1 only, during step 10. The ranks agree on it at the next log step (12, with
+    log_every_steps=3), write one committed checkpoint there and leave preempted.json; the relaunch resumes from it
+    and ends with the uninterrupted run's parameters."""
+    r = launch(tmp_path, store, "run", "trainer.log_every_steps=3", env={"USR2_AT_STEP": "10", "USR2_RANK": "1"})
+    assert r.returncode == 0, r.stderr
+    marker = json.loads((tmp_path / "run" / "preempted.json").read_text())
+    assert marker["step"] == 12, marker
+    for rank in (0, 1):
+        log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
+        assert "stop requested: checkpointing at step 12" in log, log[-2000:]
+    assert "received SIGUSR2" in (tmp_path / "run" / "logs" / "rank1.log").read_text()
+    r = launch(tmp_path, store, "run", "trainer.log_every_steps=3")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"resume: from \S+step-000000012: step 12", r.stdout), r.stdout
+    params = final_params(tmp_path, store, "run")
+    for k, v in reference[1].items():
+        assert torch.equal(params[k], v), f"final parameter {k} differs from the uninterrupted run"
