@@ -51,6 +51,37 @@ def run_script(cfg: recipe.DictConfig) -> None:
         runpy.run_module(cfg.script.module, run_name="__main__", alter_sys=True)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest glibc accepts on 64-bit
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc's malloc to keep freed memory in this process: a training step allocates and frees the same
+    activations, gradients and optimizer temporaries every time, and by default glibc returns them to the OS (heap
+    trimming, mmap for large blocks) only to fault the pages in again, zero-filled, on the next step. Returns what
+    was done, for the rank's log."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    own = [k for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+           if k in os.environ]
+    if "glibc.malloc." in tunables or own:
+        return "malloc options as the environment sets them (GLIBC_TUNABLES / MALLOC_*_)"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(a in preload for a in ("jemalloc", "tcmalloc", "mimalloc")):
+        return "malloc options of the preloaded allocator"
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return "freed memory goes back to the OS (not glibc)"
+        import ctypes
+        libc = ctypes.CDLL(None)
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # the largest int: never trim
+    except (OSError, ValueError, AttributeError):
+        return "freed memory goes back to the OS (not glibc)"
+    if not ok:
+        return "freed memory goes back to the OS (mallopt refused)"
+    return "freed memory kept for reuse"
+
+
 def die_with_agent() -> None:
     """Ask Linux to SIGKILL this worker when the process that started it (the agent in `launch`) dies, so that a
     `kill -9` of launch or a crashed agent never leaves orphaned ranks running (and holding GPUs)."""
@@ -71,12 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m launcher.worker RUN_DIR")
     run_dir = argv[0]
     cfg = recipe.load_resolved(os.path.join(run_dir, "config.yaml"))
+    memory = (keep_freed_memory() if cfg.launch.keep_freed_memory
+              else "freed memory goes back to the OS (launch.keep_freed_memory=false)")
     info = dist.rank_info()
     monitor.setup_rank_logging(run_dir, info.rank)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     dist.STOP.install(signal.SIGUSR2)
-    log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d", info.rank,
-             info.local_rank, info.world_size, info.node_rank, info.host, os.getpid(), info.restart_count)
+    log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d; host memory: %s",
+             info.rank, info.local_rank, info.world_size, info.node_rank, info.host, os.getpid(), info.restart_count,
+             memory)
     try:
         if cfg.script.path or cfg.script.module:
             run_script(cfg)

@@ -225,3 +225,33 @@ def test_multi_node_without_endpoint_is_refused(tmp_path):
     assert r.returncode == 2 and "is not HOST:PORT" in r.stderr
     r = run_launch(write(tmp_path), "--nodes", "2", "--rdzv-endpoint", "a:1", "--node-rank", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--node-rank 2 is outside 0..1" in r.stderr
+
+
+def test_ranks_keep_freed_memory_for_reuse(tmp_path):
+    """A training step frees and allocates the same memory every time; with glibc's default the freed pages go
+    back to the OS and fault in again the next step. By default every rank keeps them (launch.keep_freed_memory)."""
+    script = str(TESTS / "scripts" / "fault_count.py")
+    faults = {}
+    for setting in ("true", "false"):
+        out = tmp_path / setting
+        r = run_launch(script, "--gpus", "2", "--run-dir", str(tmp_path / f"run-{setting}"),
+                       f"launch.keep_freed_memory={setting}", "--", str(out), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        faults[setting] = [float((tmp_path / f"{setting}-rank{rank}.txt").read_text()) for rank in (0, 1)]
+    log = rank_log(tmp_path / "run-true", 1)
+    assert "host memory: freed memory kept for reuse" in log, log[-1000:]
+    assert max(faults["true"]) < 2, f"page faults per step with freed memory kept: {faults}"
+    assert min(faults["false"]) > 10, f"page faults per step without it (is this glibc?): {faults}"
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "malloc options as the environment sets them"),
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, "malloc options as the environment sets them"),
+    ({"LD_PRELOAD": "libjemalloc.so.2-absent"}, "malloc options of the preloaded allocator"),
+    ({}, "freed memory kept for reuse"),
+])
+def test_keep_freed_memory_leaves_the_users_malloc_settings_alone(env, said):
+    code = "from launcher.worker import keep_freed_memory; print(keep_freed_memory())"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
+    assert said in r.stdout, r.stdout + r.stderr
