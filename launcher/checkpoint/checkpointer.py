@@ -383,8 +383,12 @@ class Checkpointer:
         train_state = json.loads(storage.read_text(storage.sub(path, layout.TRAIN_STATE)))
         if self.before_load is not None:
             self.before_load(train_state.get("extras") or {})
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        meta = dcp_io.metadata(storage, path)
+        model_sd = get_model_state_dict(self.model)
+        self._check_shapes(meta, path, model_sd)
+        self._empty_optimizer_state(meta, model_sd)
         state = self._app_state()
-        self._check_shapes(storage, path, state["model"])
         dcp.load(state, storage_reader=dcp_io.reader(storage, path), planner=dcp_io.SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.scheduler is not None and train_state.get("scheduler") is not None:
@@ -415,8 +419,43 @@ class Checkpointer:
                  pos.sample_offset)
         return pos
 
-    def _check_shapes(self, storage: Storage, path: str, model_sd: dict[str, torch.Tensor]) -> None:
-        meta = dcp_io.metadata(storage, path).state_dict_metadata
+    def _empty_optimizer_state(self, meta: Any, model_sd: dict[str, Any]) -> None:
+        """Give an optimizer that has no state yet uninitialised state tensors shaped as the checkpoint's, to load
+        into. Without them DCP makes its own template by running a full optimizer step on zero gradients: a
+        gradient for every parameter and all the optimizer's arithmetic, which took most of a resume on the CPU.
+        A parameter the model's state_dict does not name once (shared, or empty) leaves the job to DCP's way."""
+        if self.optimizer is None or self.optimizer.state:
+            return
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        saved: dict[str, dict[str, Any]] = {}
+        for key, entry in meta.state_dict_metadata.items():
+            if key.startswith("optim.state."):
+                fqn, _, name = key[len("optim.state."):].rpartition(".")
+                saved.setdefault(fqn, {})[name] = entry
+        fqn_of: dict[int, str | None] = {}
+        for fqn, t in model_sd.items():
+            if isinstance(t, torch.Tensor) and t.numel():
+                fqn_of[t.data_ptr()] = None if t.data_ptr() in fqn_of else fqn
+        state: dict[torch.Tensor, dict[str, Any]] = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                fqn = fqn_of.get(p.data_ptr()) if p.numel() else None
+                if fqn is None:
+                    return
+                entries = {}
+                for name, entry in saved.get(fqn, {}).items():
+                    if not isinstance(entry, TensorStorageMetadata):
+                        entries[name] = 0  # a plain value, replaced by the load
+                    elif len(entry.size) == 0:  # a step count: on the CPU, as optimizers keep it by default
+                        entries[name] = torch.zeros((), dtype=entry.properties.dtype)
+                    else:
+                        entries[name] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device=p.device)
+                if entries:
+                    state[p] = entries
+        self.optimizer.state.update(state)
+
+    def _check_shapes(self, meta: Any, path: str, model_sd: dict[str, torch.Tensor]) -> None:
+        meta = meta.state_dict_metadata
         problems = []
         for fqn, tensor in model_sd.items():
             saved = meta.get(f"model.{fqn}")
