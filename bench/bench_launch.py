@@ -4,8 +4,9 @@
 
 1. steps/s of the built-in trainer vs a hand-written DDP loop (same model/data/optimizer, 2 CPU processes);
    target ratio >= 0.97. The loop runs under plain torchrun (what a user has without the launcher) and as a
-   script under `launch` (the same process set-up as the trainer: the ratio to it is the built-in loop's cost). Rate = steps between the first and last metrics rows / time between them; data in
-   memory and num_workers=0 on both sides, so the loader workers do not add noise on a small machine.
+   script under `launch` (the same process set-up as the trainer: the ratio to it is the built-in loop's cost).
+   Rate = steps between the first and last metrics rows / time between them; data in memory and num_workers=0
+   on every side, so the loader workers do not add noise on a small machine.
 2. wall time of `launch --help` and `launch --dry-run` (target < 0.5 s each).
 3. time from starting the command to the first finished training step: `launch` vs plain torchrun.
 """

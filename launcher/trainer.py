@@ -471,15 +471,14 @@ class Trainer:
                 self.step += 1
                 self.progress.tick(self.step)
                 save_now = self.ckpt.due(self.step)
-                check_stop = self.stop_every_step or self.step % every == 0
                 if self.step % every == 0 or self._done() or batches == n_batches:
                     timed, stop = self._record(running / n_running)  # the stop flag rides on the loss all-reduce
                     stop = stop and not self._done()  # a run at its last step ends normally
                     save_now |= timed
                     running.zero_()
                     n_running = 0
-                else:
-                    stop = check_stop and dist.any_rank(dist.STOP.requested, self.device)
+                else:  # a step that logs nothing checks for a stop request only when preemptible (on SLURM)
+                    stop = self.stop_every_step and dist.any_rank(dist.STOP.requested, self.device)
                 if stop:
                     self._stop(self.position(batches, n_batches))
                     return

@@ -60,10 +60,9 @@ def keep_freed_memory() -> str:
     activations, gradients and optimizer temporaries every time, and by default glibc returns them to the OS (heap
     trimming, mmap for large blocks) only to fault the pages in again, zero-filled, on the next step. Returns what
     was done, for the rank's log."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    own = [k for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-           if k in os.environ]
-    if "glibc.malloc." in tunables or own:
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+            k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                                      "MALLOC_MMAP_MAX_")):
         return "malloc options as the environment sets them (GLIBC_TUNABLES / MALLOC_*_)"
     preload = os.environ.get("LD_PRELOAD", "")
     if any(a in preload for a in ("jemalloc", "tcmalloc", "mimalloc")):

@@ -383,12 +383,12 @@ class Checkpointer:
         train_state = json.loads(storage.read_text(storage.sub(path, layout.TRAIN_STATE)))
         if self.before_load is not None:
             self.before_load(train_state.get("extras") or {})
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         meta = dcp_io.metadata(storage, path)
         model_sd = get_model_state_dict(self.model)
         self._check_shapes(meta, path, model_sd)
         self._empty_optimizer_state(meta, model_sd)
-        state = self._app_state()
+        state = {"model": model_sd, "optim": get_optimizer_state_dict(self.model, self.optimizer)}
         dcp.load(state, storage_reader=dcp_io.reader(storage, path), planner=dcp_io.SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.scheduler is not None and train_state.get("scheduler") is not None:
