@@ -37,6 +37,16 @@ def checkpoint_params(ckpt: Path | str) -> dict:
     return dcp_io.model_state(Storage(str(Path(ckpt).parent)), str(ckpt))
 
 
+def require(ok: bool, why: str) -> None:
+    """A test that needs what this machine may lack (root, apt-get, iproute2): on a user's machine without it the
+    test is skipped, saying why; under CI (CI=true), which has all of it, the test fails instead."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}; under CI=true nothing may skip")
+    pytest.skip(why)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -10,9 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import LAUNCH, launch_env, run_launch
+from conftest import LAUNCH, launch_env, require, run_launch
 from s3 import free_port
 
 RECIPE = """\
@@ -116,8 +114,7 @@ def test_s3_down_during_a_save_all_ranks_go_on_and_later_saves_commit(tmp_path):
 
 
 def test_disk_full_during_a_save_stops_and_keeps_the_last_checkpoint(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
+    require(os.geteuid() == 0, "mounting a small tmpfs to fill needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], check=True)

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import LAUNCH, checkpoint_params, launch_env, run_launch
+from conftest import LAUNCH, checkpoint_params, launch_env, require, run_launch
 from s3 import free_port
 
 RECIPE = """\
@@ -34,13 +34,11 @@ def ip(*args: str) -> None:
 @pytest.fixture
 def two_hosts():
     """[(namespace, address), (namespace, address)] on a private /24, removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+    require(os.geteuid() == 0, "network namespaces need root")
     if not shutil.which("ip") and shutil.which("apt-get"):
         subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "iproute2"],
                        capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    if not shutil.which("ip"):
-        pytest.skip("the ip command (Debian's iproute2) is missing and could not be installed")
+    require(shutil.which("ip") is not None, "the ip command (Debian's iproute2) is missing and could not be installed")
     tag = f"{os.getpid() % 100000}"
     hosts = [(f"lnch{tag}a", "10.231.7.1"), (f"lnch{tag}b", "10.231.7.2")]
     veths = [f"lv{tag}a", f"lv{tag}b"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, checkpoint_params, launch_env, run_launch
+from conftest import ROOT, checkpoint_params, launch_env, require, run_launch
 
 pytestmark = pytest.mark.slurm
 
@@ -34,8 +34,8 @@ slurm: {time_min: %(time_min)d, signal_grace_s: %(grace)d, max_requeues: %(reque
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("the SLURM tests stand up a cluster with slurm/cluster.sh, which needs root and apt-get")
+    require(os.geteuid() == 0 and shutil.which("apt-get") is not None,
+            "the SLURM tests stand up a cluster with slurm/cluster.sh, which needs root and apt-get")
     r = subprocess.run([str(ROOT / "slurm" / "cluster.sh"), "start"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"slurm/cluster.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     yield
