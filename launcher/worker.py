@@ -32,9 +32,34 @@ from . import dist, monitor, recipe
 log = logging.getLogger("launcher")
 
 
+_LEAVING = False  # set as the worker's `finally` begins: from then on no signal handler raises
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     # The agent stops the surviving ranks with SIGTERM when one fails: unwind so `finally` blocks run.
-    raise SystemExit(128 + signum)
+    if not _LEAVING:
+        raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM unwinds the worker; SIGCHLD gets the handler torch's DataLoader installs at its first iterator
+    (it raises when a loader worker died), installed now and wrapped. When one rank fails, the agent sends SIGTERM to
+    the process group of every other rank, loader workers included, so a rank gets its own SIGTERM and a SIGCHLD per
+    killed loader worker, in either order. Both handlers raise; one that runs inside the worker's `finally` would
+    skip leaving the process group. Both go quiet once `_LEAVING` is set, which a plain assignment does: no handler
+    can run before it takes effect, as one could before a call that replaces the handlers."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        from torch.utils.data._utils import signal_handling
+        signal_handling._set_SIGCHLD_handler()  # once per process: later DataLoader iterators keep this one
+    except (ImportError, AttributeError):
+        return
+    loader_handler = signal.getsignal(signal.SIGCHLD)
+    if callable(loader_handler):
+        def on_child_exit(signum: int, frame: FrameType | None) -> None:
+            if not _LEAVING:
+                loader_handler(signum, frame)
+        signal.signal(signal.SIGCHLD, on_child_exit)
 
 
 def run_script(cfg: recipe.DictConfig) -> None:
@@ -95,6 +120,7 @@ def die_with_agent() -> None:
 
 @record
 def main(argv: list[str] | None = None) -> None:
+    global _LEAVING
     die_with_agent()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -105,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
               else "freed memory goes back to the OS (launch.keep_freed_memory=false)")
     info = dist.rank_info()
     monitor.setup_rank_logging(run_dir, info.rank)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    install_signal_handlers()
     dist.STOP.install(signal.SIGUSR2)
     log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d; host memory: %s",
              info.rank, info.local_rank, info.world_size, info.node_rank, info.host, os.getpid(), info.restart_count,
@@ -124,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(traceback.format_exc())
         raise
     finally:
+        _LEAVING = True  # first: see install_signal_handlers
         dist.teardown()
         # From here the process only exits. Python restores default handlers while it shuts down, and by default
         # SIGUSR2 kills: a late preemption signal must not turn a finished rank into a failed one.

@@ -255,3 +255,16 @@ def test_keep_freed_memory_leaves_the_users_malloc_settings_alone(env, said):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
     assert said in r.stdout, r.stdout + r.stderr
+
+
+def test_signals_during_teardown_do_not_stop_a_rank_leaving_its_group(tmp_path):
+    """When a rank fails, the agent sends SIGTERM to every other rank's process group: the rank and its loader
+    workers. The rank's SIGTERM handler and the DataLoader's SIGCHLD handler both raise; arriving while the rank
+    leaves its process group, they must not cut that short."""
+    script = str(TESTS / "scripts" / "signals_in_teardown.py")
+    r = run_launch(script, "--gpus", "2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    for rank in (0, 1):
+        log = rank_log(tmp_path / "run", rank)
+        assert "process group destroyed" in log, log[-2000:]
+        assert f"rank {rank} signalled during teardown" in log, log[-2000:]
+    assert r.returncode == 0, r.stderr
