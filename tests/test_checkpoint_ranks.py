@@ -33,9 +33,10 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, env: dict, fn, *args) -> None:
-    """One rank: join a gloo group, run fn(rank, *args), leave the group. fn's objects (a DDP model among them)
-    are gone before the group is destroyed, as in a training run."""
+    """One rank: join a gloo group, run fn(rank, *args), leave the group and exit. fn's objects (a DDP model among
+    them) are gone before the group is destroyed, as in a training run."""
     import faulthandler
+    faulthandler.enable(all_threads=True)  # a crash shows where every thread stood
     faulthandler.dump_traceback_later(50, exit=False)  # a hang shows where each rank stands
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -45,6 +46,10 @@ def _rank_main(rank: int, world: int, port: int, env: dict, fn, *args) -> None:
         fn(rank, *args)
     finally:
         tdist.destroy_process_group()
+    # Leave as a launcher worker does, without the interpreter's finalization: after gloo and DDP were used, that
+    # aborts the process now and then ("terminate called without an active exception", no Python frame left).
+    from launcher.worker import exit_now
+    exit_now(0)
 
 
 def _spawn(fn, world: int, *args, env: dict | None = None, timeout: float = 60) -> None:
