@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def exit_now(code: int) -> None:
-    """Leave the process with `code` after what a normal exit does for Python code, minus the finalization."""
+    """Leave the process with `code` after what a normal exit does for Python code, minus the interpreter's
+    finalization: once gloo and DDP were used, that aborts the process now and then (SIGABRT, "terminate called
+    without an active exception", no Python frame left), which would turn a finished rank into a failed one."""
     shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, as interpreter exit does
     if shutdown is not None:
         shutdown()
@@ -187,4 +189,7 @@ if __name__ == "__main__":
         if isinstance(e.code, str):
             sys.stderr.write(e.code + "\n")
         exit_now(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    except Exception:  # what Python does with it, the traceback and exit code 1, minus the finalization
+        traceback.print_exc()
+        exit_now(1)
     exit_now(0)
