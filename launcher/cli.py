@@ -183,11 +183,14 @@ def _slurm(args: argparse.Namespace, cfg: object, run_dir: str, argv: list[str])
     from . import recipe
     from .backends import slurm
 
+    problem = recipe.script_value_problem("--run-dir", run_dir)
+    if problem:
+        raise UsageError(problem)
     if args.dry_run:
         print("# resolved recipe")
         print(recipe.to_yaml(cfg), end="")  # type: ignore[arg-type]
         print("# sbatch script that would be submitted (nothing was submitted)")
-        print(slurm.sbatch_script(cfg, run_dir))
+        print(recipe.redact(slurm.sbatch_script(cfg, run_dir)))
         return 0
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     recipe.save(cfg, os.path.join(run_dir, "config.yaml"), extra={"launcher_version": __version__})  # type: ignore
@@ -228,8 +231,10 @@ def _cancel(argv: list[str]) -> int:
 def _write_launch_json(run_dir: str, plan: object, argv: list[str]) -> None:
     import socket
 
-    info = {"launcher_version": __version__, "argv": argv, "cwd": os.getcwd(), "host": socket.gethostname(),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **plan.to_dict()}  # type: ignore[attr-defined]
+    from .recipe import redact
+
+    info = {"launcher_version": __version__, "argv": [redact(a) for a in argv], "cwd": os.getcwd(),
+            "host": socket.gethostname(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **plan.to_dict()}  # type: ignore[attr-defined]
     path = os.path.join(run_dir, "launch.json")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

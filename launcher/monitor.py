@@ -211,13 +211,14 @@ def wandb_run_id(run_dir: str) -> str:
 
 def _start_wandb(cfg: Any, run_dir: str) -> Any:
     import wandb
-    from omegaconf import OmegaConf
+
+    from .recipe import public
 
     lg = cfg.logging
     run_id = wandb_run_id(run_dir)
     run = wandb.init(project=lg.wandb_project or "launcher", entity=lg.wandb_entity, name=cfg.run.name, id=run_id,
                      resume="allow", dir=run_dir, mode=lg.wandb_mode,
-                     config=OmegaConf.to_container(cfg, resolve=True))
+                     config=public(cfg))  # environment references unresolved, URL passwords redacted
     log.info("W&B: run %s (id %s, %s mode)", cfg.run.name, run_id, lg.wandb_mode or os.environ.get("WANDB_MODE",
                                                                                                       "default"))
     return run

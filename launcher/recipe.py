@@ -558,6 +558,7 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
         cfg.script.path = os.path.abspath(cfg.script.path)
     if cfg.finetune.init_from and "://" not in cfg.finetune.init_from and os.path.exists(cfg.finetune.init_from):
         cfg.finetune.init_from = os.path.abspath(cfg.finetune.init_from)  # workers and SLURM jobs see the same file
+    raw = OmegaConf.to_container(cfg, resolve=False)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -566,7 +567,61 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
     problems.extend(_semantic_problems(cfg, source, lines))
     if problems:
         raise RecipeError(problems)
+    _keep_env_references(cfg, raw)
     return Loaded(cfg=cfg, source=source)
+
+
+# ----------------------------------------------------------------------------------------------- secrets
+
+_ENV_REF = re.compile(r"\$\{\s*oc\.env\s*:")
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@]+):([^/\s@]+)@")
+
+
+def _leaves(node: Any, path: tuple = ()) -> Any:
+    """(path, value) for every string leaf of a plain container."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
+    elif isinstance(node, str):
+        yield path, node
+
+
+def _keep_env_references(cfg: DictConfig, raw: dict) -> None:
+    """Put `${oc.env:NAME}` references back after validation, so that what the launcher writes and prints
+    (config.yaml, --dry-run, W&B) holds the reference and never its value; each rank resolves it at run time, in
+    its own environment (an sbatch job inherits the submitting shell's). An interpolation whose value holds a
+    referenced value (`b: ${a}` with `a: ${oc.env:TOKEN}`) stays unresolved too."""
+    resolved = dict(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+    refs = {path: text for path, text in _leaves(raw) if _ENV_REF.search(text)}
+    values = [v for p in refs if isinstance(v := resolved.get(p), str) and len(v) >= 3]
+    for path, text in _leaves(raw):
+        if path not in refs and "${" in text and any(v in str(resolved.get(path, "")) for v in values):
+            refs[path] = text
+    for path, text in refs.items():
+        node: Any = cfg
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = text
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`, for what is printed or sent elsewhere."""
+    return _URL_CREDENTIALS.sub(r"\1\2:***@", text)
+
+
+def public(cfg: DictConfig) -> dict:
+    """The recipe as users and metric services see it: recipe key names, environment references unresolved,
+    passwords in URLs redacted."""
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return redact(node) if isinstance(node, str) else node
+    return clean(_keys_out(Recipe, OmegaConf.to_container(cfg, resolve=False)))
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -702,16 +757,58 @@ def _semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> l
     if cfg.trainer.device not in DEVICES:
         out.append(f"{at('trainer.device')}: trainer.device must be one of {', '.join(DEVICES)}, got "
                    f"'{cfg.trainer.device}'")
+    if cfg.backend == "slurm":
+        out.extend(_script_problems(cfg, at))
+    return out
+
+
+_SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]*")
+_LINE_BREAKERS = re.compile(r"[\n\r\x00]")
+
+
+def script_value_problem(key: str, value: Any) -> str | None:
+    """Why `value` cannot go into one line of a generated sbatch script, or None. A line break would end the
+    `#SBATCH` line (or the shell line) it is on: what follows would run as shell lines, and sbatch silently drops
+    every `#SBATCH` line after the first command."""
+    found = _LINE_BREAKERS.search(str(value))
+    if found is None:
+        return None
+    char = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL byte"}[found.group()]
+    return (f"{key} holds {char}, and it goes into the generated sbatch script, where it would end the line and "
+            f"run the rest as shell commands: {str(value)!r}. Give it on one line" +
+            (" (several shell lines: one list entry each)" if key.startswith("slurm.setup") else ""))
+
+
+def _script_problems(cfg: DictConfig, at: Any) -> list[str]:
+    """Values that reach the sbatch scripts (`--slurm`, `--emit-sbatch`), each on one line of its own."""
+    out = []
+    s = cfg.slurm
+    values: list[tuple[str, str, Any]] = [("run.name", "run.name", cfg.run.name), ("run.dir", "run.dir", cfg.run.dir)]
+    values += [(f"slurm.{k}", f"slurm.{k}", s[k]) for k in ("partition", "account", "qos", "constraint", "mem")]
+    values += [(f"slurm.setup[{i}]", "slurm.setup", line) for i, line in enumerate(s.setup)]
+    for name, value in (s.extra_sbatch or {}).items():
+        key = f"slurm.extra_sbatch.{name}"
+        if not _SBATCH_OPTION.fullmatch(str(name).replace("_", "-")):
+            out.append(f"{at(key)}: slurm.extra_sbatch: {str(name)!r} is not an sbatch option name (lower-case "
+                       f"letters, digits and '-', starting with a letter, as in 'mail-type'); it would be written "
+                       f"unquoted into the script")
+        values.append((key, key, value))
+    for key, line_key, value in values:
+        problem = script_value_problem(key, value) if value is not None else None
+        if problem:
+            out.append(f"{at(line_key)}: {problem}")
     return out
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return yaml.safe_dump(_keys_out(Recipe, OmegaConf.to_container(cfg, resolve=True)), sort_keys=False)
+    """The resolved recipe for printing (see `public`)."""
+    return yaml.safe_dump(public(cfg), sort_keys=False)
 
 
 def save(cfg: DictConfig, path: str, extra: dict | None = None) -> None:
-    """Write the resolved recipe (plus `extra` top-level keys such as the launcher version), atomically."""
-    body = _keys_out(Recipe, OmegaConf.to_container(cfg, resolve=True))
+    """Write the resolved recipe (plus `extra` top-level keys such as the launcher version), atomically.
+    Environment references stay references (see `_keep_env_references`); the ranks read this file."""
+    body = _keys_out(Recipe, OmegaConf.to_container(cfg, resolve=False))
     text = yaml.safe_dump({**(extra or {}), **body}, sort_keys=False)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -190,3 +190,20 @@ class LayoutProbeCNN(nn.Module):
                 f.write(f"input {x.is_contiguous(memory_format=cl)} weight "
                         f"{self.conv.weight.is_contiguous(memory_format=cl)}\n")
         return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+class TokenDataset(Dataset):
+    """SyntheticClassification that takes a credential, as a dataset reading from a private store does: it fails
+    unless `token` is the value of $EXPECTED_TOKEN, so a run passes only when each rank resolved the reference."""
+
+    def __init__(self, token: str, url: str = "", **kwargs) -> None:
+        from launcher.zoo.datasets import SyntheticClassification
+        if token != os.environ.get("EXPECTED_TOKEN"):
+            raise ValueError(f"TokenDataset got token {token!r}, not the value of $EXPECTED_TOKEN")
+        self.inner = SyntheticClassification(**kwargs)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i]

@@ -189,3 +189,30 @@ def test_instantiate_builds_nested_components():
     assert obj["inner"]["a"] == 2
     with pytest.raises(TypeError, match="x: calling launcher.zoo.models.MLP"):
         recipe.instantiate({"_target_": "launcher.zoo.models.MLP", "bogus": 1}, key="x")
+
+
+def test_environment_references_stay_references_in_what_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECIPE_TEST_TOKEN", "first-value")
+    text = BASE + "run:\n  name: ${oc.env:RECIPE_TEST_TOKEN}-run\nlr_scheduler:\n  _target_: torch.optim.lr_scheduler.StepLR\n" \
+                  "  step_size: ${trainer.max_steps}\n  note: ${run.name}\n"
+    cfg = recipe.load(write(tmp_path, text)).cfg
+    assert cfg.run.name == "first-value-run" and cfg.lr_scheduler.note == "first-value-run"  # resolved on use
+    shown = recipe.to_yaml(cfg)
+    assert "first-value" not in shown and "name: ${oc.env:RECIPE_TEST_TOKEN}-run" in shown
+    assert "note: ${run.name}" in shown and "step_size: 10" in shown  # other interpolations are resolved
+    out = tmp_path / "config.yaml"
+    recipe.save(cfg, str(out))
+    assert "first-value" not in out.read_text()
+    monkeypatch.setenv("RECIPE_TEST_TOKEN", "rank-value")  # a rank resolves it in its own environment
+    back = recipe.load_resolved(str(out))
+    assert back.run.name == "rank-value-run" and back.lr_scheduler.note == "rank-value-run"
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("s3://key:secret@bucket/x", "s3://key:***@bucket/x"),
+    ("see postgresql://u:p%40ss@db:5432/sweeps and http://h/x", "see postgresql://u:***@db:5432/sweeps and http://h/x"),
+    ("https://user@host/x", "https://user@host/x"),
+    ("a:b@c", "a:b@c"),
+])
+def test_passwords_in_urls_are_redacted(text, shown):
+    assert recipe.redact(text) == shown
