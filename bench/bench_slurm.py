@@ -5,6 +5,8 @@
 1. `launch --slurm` to the first finished training step, split into: submit (the command returns), queue
    (submitted -> job start, from sacct), start-up and rendezvous (job start -> every rank's worker is up), first step.
 2. Preemption: the USR2 signal (sent by this script with scancel) -> the emergency checkpoint committed.
+3. `launch cancel` right after that commit, while the job is about to requeue itself -> the job is CANCELLED (and
+   still is 20 s later: a requeued job would be running again by then).
 """
 
 from __future__ import annotations
@@ -66,7 +68,14 @@ def main() -> None:
     while "committed (preemption signal)" not in log0.read_text():
         time.sleep(0.1)
     commit = log_time(next(ln for ln in log0.read_text().splitlines() if "committed (preemption signal)" in ln))
-    subprocess.run(["scancel", job])
+    t_cancel = time.time()
+    subprocess.run([LAUNCH, "cancel", str(run_dir)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    sys.path.insert(0, str(ROOT))
+    from launcher.backends.slurm import wait_state
+    settle = 20
+    wait_state(job, {"CANCELLED"}, 120, settle_s=settle)  # raises if the job came back
+    cancelled = time.time() - settle - t_cancel
     print(f"{'phase':50} {'seconds':>8}")
     print(f"{'submit (launch --slurm returns)':50} {t_submit - t0:8.2f}")
     print(f"{'queue (submitted -> job starts; sacct, 1 s resolution)':50} {max(0.0, start - t_submit):8.2f}")
@@ -74,6 +83,7 @@ def main() -> None:
     print(f"{'rendezvous, build, first step (-> first step done)':50} {first - workers:8.2f}")
     print(f"{'total: launch --slurm -> first step':50} {first - t0:8.2f}")
     print(f"{'preemption: USR2 -> emergency checkpoint committed':50} {commit - t_sig:8.2f}")
+    print(f"{'launch cancel after the commit -> CANCELLED (stays)':50} {cancelled:8.2f}")
 
 
 if __name__ == "__main__":

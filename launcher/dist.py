@@ -7,12 +7,14 @@ the CPU otherwise, and cross-checks the environment against the live process gro
 
 from __future__ import annotations
 
+import _thread
 import datetime
 import logging
 import os
 import re
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,8 +171,8 @@ def timeout_error(e: BaseException, where: str) -> RuntimeError:
 
 
 class StopRequest:
-    """A request to checkpoint and stop (SIGUSR2 from SLURM ahead of preemption or a time limit). Set by a signal
-    handler, acted on at the next step boundary once every rank agrees (see `any_rank`)."""
+    """A request to checkpoint and stop (SIGUSR2 from SLURM ahead of preemption or a time limit, or SLURM's SIGTERM).
+    Set by a signal handler, acted on at the next step boundary once every rank agrees (see `any_rank`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -189,6 +191,50 @@ class StopRequest:
         stop_file = os.environ.get("LAUNCHER_STOP_FILE")
         if signums and stop_file and os.path.exists(stop_file):
             self._handle(signums[0], None)
+
+    def take_slurm_sigterm(self) -> bool:
+        """Under SLURM, make a SIGTERM from SLURM (a preemption without a user signal, `scancel --signal=TERM`, the
+        start of a cancel) a stop request, while a SIGTERM from the agent (this process's parent, which stops the
+        surviving ranks when one failed) still goes to the SIGTERM handler in place and unwinds the worker.
+
+        A Python handler cannot tell who sent a signal, a thread in sigwaitinfo can: the SLURM node task starts
+        workers with SIGTERM blocked (backends.slurm.hold_preemption_signal) and it stays blocked. Processes this
+        one forks (DataLoader workers) end on their parent's SIGTERM, as torch's own handler makes them, and
+        ignore SLURM's, so none dies before the emergency checkpoint. Only the built-in trainer acts on a stop
+        request ($LAUNCHER_STOP_ON_SIGTERM, set by the node task): a plain script keeps SIGTERM as it was.
+        Returns whether SIGTERM is now taken this way."""
+        if signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+            return False
+        if os.environ.get("LAUNCHER_STOP_ON_SIGTERM") != "1":
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # the handler in place takes it
+            return False
+        agent = os.getppid()
+
+        def receive() -> None:
+            while True:
+                if signal.sigwaitinfo({signal.SIGTERM}).si_pid == agent:
+                    _thread.interrupt_main(signal.SIGTERM)  # runs the SIGTERM handler, as the signal itself would
+                else:
+                    self._handle(signal.SIGTERM, None)
+
+        threading.Thread(target=receive, name="launcher-sigterm", daemon=True).start()
+        os.register_at_fork(after_in_child=self._end_on_parents_sigterm)
+        return True
+
+    @staticmethod
+    def _end_on_parents_sigterm() -> None:
+        """In a process forked by a rank under SLURM (SIGTERM stays blocked): exit on the rank's SIGTERM
+        (multiprocessing's terminate), ignore SLURM's."""
+        if signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+            return
+        parent = os.getppid()
+
+        def receive() -> None:
+            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+                pass
+            os._exit(0)
+
+        threading.Thread(target=receive, name="launcher-sigterm", daemon=True).start()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:

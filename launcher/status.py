@@ -62,6 +62,13 @@ def cancel(run_dir: str) -> int:
     info = _launch_info(run_dir)
     if info.get("backend") != "slurm" or not info.get("job_id"):
         raise UsageError(f"{run_dir} is not a SLURM run; stop a local run with Ctrl-C in its terminal")
+    # First the marker: a job that is checkpointing for a preemption reads it before it requeues itself, so the
+    # cancel wins even when scancel comes between the checkpoint and the requeue (backends.slurm._cancelled).
+    from .backends.slurm import CANCEL_MARKER
+    marker = os.path.join(run_dir, CANCEL_MARKER)
+    with open(f"{marker}.tmp", "w") as f:
+        json.dump({"job_id": str(info["job_id"]), "time": time.time()}, f)
+    os.replace(f"{marker}.tmp", marker)
     r = subprocess.run(["scancel", str(info["job_id"])], capture_output=True, text=True)
     if r.returncode != 0:
         raise UsageError(f"scancel {info['job_id']} failed: {r.stderr.strip()}")

@@ -47,8 +47,10 @@ def install_signal_handlers() -> None:
     the process group of every other rank, loader workers included, so a rank gets its own SIGTERM and a SIGCHLD per
     killed loader worker, in either order. Both handlers raise; one that runs inside the worker's `finally` would
     skip leaving the process group. Both go quiet once `_LEAVING` is set, which a plain assignment does: no handler
-    can run before it takes effect, as one could before a call that replaces the handlers."""
+    can run before it takes effect, as one could before a call that replaces the handlers. Under SLURM only the
+    agent's SIGTERM reaches `_exit_on_sigterm`; SLURM's asks for a checkpoint (`dist.StopRequest.take_slurm_sigterm`)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    dist.STOP.take_slurm_sigterm()
     try:
         from torch.utils.data._utils import signal_handling
         signal_handling._set_SIGCHLD_handler()  # once per process: later DataLoader iterators keep this one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -86,36 +87,80 @@ def test_two_node_job_trains_with_right_ranks(slurm_cluster, tmp_path):
     assert "COMPLETED" in status.stdout and "step 12" in status.stdout and "checkpoint: step 12" in status.stdout
 
 
-def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
-    steps = 40
-    recipe = write(tmp_path, steps=steps, sleep=0.15)
-    ref = tmp_path / "ref"  # the same job, uninterrupted
-    r = run_launch(recipe, "--nodes", "2", "--gpus", "2", "--slurm", "--wait", "--run-dir", str(ref), cwd=tmp_path,
-                   timeout=300)
+STEPS = 30  # the reference job and the jobs compared with it
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, tmp_path_factory) -> Path:
+    """The job that the interrupted ones must equal, run once, uninterrupted. It runs with the default
+    trainer.device=auto on the test cluster's GPU-less partition: no GPUs asked for, CPU processes."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ref = tmp / "ref"
+    r = run_launch(write(tmp, steps=STEPS, sleep=0.15), "--nodes", "2", "--gpus", "2", "--slurm", "--wait",
+                   "trainer.device=auto", "--run-dir", str(ref), cwd=tmp, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "launch: partition debug has no GPUs: the job runs 2 CPU processes per node with gloo" in r.stderr, \
+        r.stderr
+    script = next((ref / "slurm" / job_id(ref)).glob("*_submission.sh")).read_text()
+    assert "--gpus" not in script and "--gres" not in script, script
+    assert sorted(losses(ref)) == list(range(1, STEPS + 1))
+    return ref
+
+
+def wait_for(what: str, done, job: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        assert time.time() < deadline, f"job {job}: {what} did not happen; it is {state(job)}"
+        time.sleep(0.05)
+
+
+def marker(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "preempted.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_signals_to_the_whole_job_checkpoint_requeue_and_resume_exactly(slurm_cluster, reference, tmp_path):
+    """SIGUSR2 to every process of the job, the batch shell included (scancel --full; bash dies of it by default),
+    at a random moment; after the requeue, SIGTERM (a preemption without a user signal). Each time every rank
+    writes one committed checkpoint and the job requeues; the end equals the uninterrupted job."""
+    rng = random.Random(3)
     run_dir = tmp_path / "run"
-    r = run_launch(recipe, "--nodes", "2", "--gpus", "2", "--slurm", "--run-dir", str(run_dir), cwd=tmp_path)
+    r = run_launch(write(tmp_path, steps=STEPS, sleep=0.15), "--nodes", "2", "--gpus", "2", "--slurm",
+                   "--run-dir", str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = job_id(run_dir)
-    deadline = time.time() + 120
-    while metrics_step(run_dir) < 10:
-        assert time.time() < deadline, f"job {job} made no progress: {state(job)}"
-        time.sleep(0.5)
-    sig = subprocess.run(["scancel", "--signal=USR2", job], capture_output=True, text=True)
+    first = rng.randint(2, 10)
+    wait_for(f"step {first}", lambda: metrics_step(run_dir) >= first, job)
+    time.sleep(rng.uniform(0, 0.15))  # anywhere within a step
+    sig = subprocess.run(["scancel", "--signal=USR2", "--full", job], capture_output=True, text=True)
+    assert sig.returncode == 0, sig.stderr
+    wait_for("the preemption checkpoint", lambda: marker(run_dir).get("restart") == "0", job)
+    stop1 = marker(run_dir)["step"]
+    second = stop1 + rng.randint(2, 6)
+    wait_for(f"step {second} after the requeue", lambda: metrics_step(run_dir) >= second, job, timeout=180)
+    sig = subprocess.run(["scancel", "--signal=TERM", job], capture_output=True, text=True)
     assert sig.returncode == 0, sig.stderr
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300) == "COMPLETED"
-    marker = json.loads((run_dir / "preempted.json").read_text())
-    assert 10 <= marker["step"] < steps
+    stop2 = marker(run_dir)
+    assert stop2["restart"] == "1" and second <= stop2["step"] < STEPS, stop2
     log0 = (run_dir / "logs" / "rank0.log").read_text()
-    assert "preemption signal" in log0 and f"resume: from" in log0 and f"step {marker['step']}," in log0
-    assert metrics_step(run_dir) == steps
-    def losses(d: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
-    got, expected = losses(run_dir), losses(ref)
-    assert sorted(got) == list(range(1, steps + 1))
+    assert "received SIGUSR2" in log0 and "received SIGTERM" in log0, log0[-3000:]
+    assert log0.count("resume: from") == 2 and f"step {stop1}," in log0 and f"step {stop2['step']}," in log0
+    for step in (stop1, stop2["step"]):
+        folder = run_dir / "checkpoints" / f"step-{step:09d}"
+        assert sorted(p.name for p in folder.glob("rank*.json")) == [f"rank{k}.json" for k in range(4)], folder
+        assert (folder / "manifest.json").exists(), folder
+    got, expected = losses(run_dir), losses(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
     assert [s for s in got if got[s] != expected[s]] == [], "per-step losses differ from the uninterrupted job"
-    final = checkpoint_params(run_dir / "checkpoints" / f"step-{steps:09d}")
-    want = checkpoint_params(ref / "checkpoints" / f"step-{steps:09d}")
+    final = checkpoint_params(run_dir / "checkpoints" / f"step-{STEPS:09d}")
+    want = checkpoint_params(reference / "checkpoints" / f"step-{STEPS:09d}")
     for k in want:
         assert torch.equal(final[k], want[k]), \
             f"{k} differs from the uninterrupted run by {(final[k] - want[k]).abs().max():.3g}"
@@ -169,17 +214,28 @@ def test_bad_partition_surfaces_sbatch_error(slurm_cluster, tmp_path):
     r = run_launch(write(tmp_path), "--nodes", "5", "--gpus", "2", "--slurm", "--run-dir", str(tmp_path / "r2"),
                    cwd=tmp_path)
     assert r.returncode == 2 and "sbatch refused the job" in r.stderr, r.stderr
+    r = run_launch(write(tmp_path), "--nodes", "2", "--gpus", "2", "--slurm", "trainer.device=cuda",
+                   "--run-dir", str(tmp_path / "r3"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "launch: error: partition debug has no GPUs: set trainer.device=cpu, or pick a GPU partition" in r.stderr
 
 
-def test_status_and_cancel(slurm_cluster, tmp_path):
+def test_status_and_a_cancel_right_after_the_preemption_checkpoint_wins(slurm_cluster, tmp_path):
+    """`launch cancel` while the job has just checkpointed for a preemption and is about to requeue itself: the job
+    ends CANCELLED and never comes back (a requeued job would run again ~12 s later here)."""
     run_dir = tmp_path / "run"
     r = run_launch(write(tmp_path, steps=2000, sleep=0.1), "--nodes", "2", "--gpus", "2", "--slurm",
                    "--run-dir", str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = job_id(run_dir)
-    wait_state(job, {"RUNNING"}, 120, settle=0)
+    wait_for("step 2", lambda: metrics_step(run_dir) >= 2, job)
     s = run_launch("status", str(run_dir), cwd=tmp_path)
     assert f"SLURM job:  {job}: RUNNING" in s.stdout and "logs:" in s.stdout
+    sig = subprocess.run(["scancel", "--signal=USR2", job], capture_output=True, text=True)
+    assert sig.returncode == 0, sig.stderr
+    wait_for("the preemption checkpoint", lambda: marker(run_dir).get("restart") == "0", job)
     c = run_launch("cancel", str(run_dir), cwd=tmp_path)
     assert c.returncode == 0 and f"cancelled SLURM job {job}" in c.stdout
-    assert wait_state(job, {"CANCELLED"}, 60) == "CANCELLED"
+    assert wait_state(job, {"CANCELLED"}, 90, settle=20) == "CANCELLED"
+    log0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert log0.count("worker start: rank 0 ") == 1, "the cancelled job ran again"

@@ -16,7 +16,8 @@ from launcher.errors import UsageError
 
 GOLDEN = Path(__file__).parent / "golden"
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-ARGS = ["--nodes", "2", "--gpus", "2", "--slurm", "slurm.partition=debug", "slurm.time_min=30",
+# A partition the test cluster lacks: where sinfo answers, it does not know it, so GPUs are asked for as without sinfo
+ARGS = ["--nodes", "2", "--gpus", "2", "--slurm", "slurm.partition=gpu", "slurm.time_min=30",
         "slurm.signal_grace_s=45", "slurm.account=proj1", "slurm.setup=[module load cuda, source venv/bin/activate]",
         "slurm.extra_sbatch={mail-type: END}"]
 
@@ -50,6 +51,25 @@ def test_emit_sbatch_writes_a_standalone_script(tmp_path):
     check_golden("sbatch_standalone.txt", normalise(r.stdout, run_dir).replace(str(RECIPE), "<RECIPE>"))
     assert (Path(run_dir) / "config.yaml").exists(), "the standalone script runs the saved config"
     assert "$SLURM_NODEID" not in r.stdout, "node ranks must be read by each task, never expanded at submit time"
+
+
+def test_gpus_are_asked_for_once(tmp_path):
+    """No --gpus-per-node of the launcher's own when slurm.extra_sbatch asks for GPUs already, in either script."""
+    def scripts(extra: str) -> list[str]:
+        run_dir = str(tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        base = [str(RECIPE), "--nodes", "2", "--gpus", "2", "--slurm", "slurm.partition=gpu",
+                f"slurm.extra_sbatch={extra}", "--run-dir", run_dir]
+        dry = run_launch(*base, "--dry-run", cwd=tmp_path)
+        emitted = run_launch(*base, "--emit-sbatch", cwd=tmp_path)
+        assert dry.returncode == 0 and emitted.returncode == 0, dry.stderr + emitted.stderr
+        return [dry.stdout.split("# sbatch script that would be submitted", 1)[1], emitted.stdout]
+
+    for text in scripts("{gres: 'gpu:a100:2'}"):
+        assert "#SBATCH --gres=gpu:a100:2" in text and "--gpus" not in text, text
+    for text in scripts("{gpus-per-task: 1}"):
+        assert [ln for ln in text.splitlines() if "--gpus" in ln] == ["#SBATCH --gpus-per-task=1"], text
+    for text in scripts("{gres: 'nvme:1'}"):  # not a GPU: the launcher still asks for them
+        assert "#SBATCH --gres=nvme:1" in text and "#SBATCH --gpus-per-node=2" in text, text
 
 
 def _env(**kw: str) -> slurm.SlurmEnv:

@@ -6,9 +6,11 @@ agent) with a static rendezvous at the allocation's first node and its node rank
     launch recipe.yaml --nodes 2 --gpus 8 --emit-sbatch      # a standalone sbatch script (srun + torchrun)
     python -m launcher.backends.slurm RUN_DIR                # what each node's task runs (inside an allocation)
 
-Preemption and time limits: SLURM sends SIGUSR2 `slurm.signal_grace_s` before the end to every process of the job.
+Preemption and time limits: SLURM sends SIGUSR2 `slurm.signal_grace_s` before the end to every process of the job
+(a preemption without a user signal sends SIGTERM instead; the node tasks and workers take both as a stop request).
 Workers agree on it at the next step boundary, write one committed checkpoint and leave `preempted.json`; the first
-node's task then requeues the job (at most `slurm.max_requeues` times) and the requeued job resumes by itself.
+node's task then requeues the job (at most `slurm.max_requeues` times, never once it is cancelled) and the requeued
+job resumes by itself. The batch shell survives a signal that reaches it too and passes it on (see `relay_signals`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def _sbatch_parameters(cfg: Any) -> dict[str, Any]:
         "setup": list(s.setup),
         "additional_parameters": {"requeue": True, **dict(s.extra_sbatch or {})},
     }
-    if cfg.trainer.device != "cpu":
-        params["gpus_per_node"] = int(procs)
+    gpus = _gpus_per_node(cfg)
+    if gpus:
+        params["gpus_per_node"] = gpus
     for key in ("partition", "account", "qos", "constraint", "mem"):
         if s[key] is not None:
             params[key] = str(s[key])
@@ -57,23 +60,110 @@ def _sbatch_parameters(cfg: Any) -> dict[str, Any]:
     return params
 
 
+# sbatch options that already ask for GPUs: then the launcher adds no --gpus-per-node of its own.
+_GPU_OPTIONS = {"gpus", "gpus-per-node", "gpus-per-task", "gpus-per-socket", "gpus-per-job"}
+
+
+def _asks_for_gpus(extra: Any) -> bool:
+    for key, value in dict(extra or {}).items():
+        name = str(key).lower().replace("_", "-")
+        if name in _GPU_OPTIONS or (name == "gres" and "gpu" in str(value).lower()):
+            return True
+    return False
+
+
+def partition_has_gpus(partition: str | None) -> tuple[str, bool] | None:
+    """(partition name, whether any of its nodes has a GPU) from sinfo's GRES column; the default partition when
+    `partition` is None. None when sinfo is not there or does not answer (a laptop), or does not know the
+    partition (sbatch then says so itself)."""
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    found: dict[str, bool] = {}
+    default = None
+    for line in r.stdout.splitlines():
+        name, _, gres = line.strip().partition("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        if name:
+            found[name] = found.get(name, False) or "gpu" in gres.lower()
+    name = partition if partition is not None else default
+    return (name, found[name]) if name in found else None
+
+
+def _gpus_per_node(cfg: Any) -> int | None:
+    """How many GPUs per node to ask for: none with trainer.device=cpu, none when slurm.extra_sbatch asks already,
+    none on a partition without GPUs with trainer.device=auto (the processes run on the CPU, as the local backend
+    does without CUDA); trainer.device=cuda there is refused."""
+    if cfg.trainer.device == "cpu" or _asks_for_gpus(cfg.slurm.extra_sbatch):
+        return None
+    procs = int(cfg.launch.gpus_per_node or 1)
+    known = partition_has_gpus(cfg.slurm.partition)
+    if known is not None and not known[1]:
+        if cfg.trainer.device == "cuda":
+            raise UsageError(f"partition {known[0]} has no GPUs: set trainer.device=cpu, or pick a GPU partition "
+                             f"(slurm.partition)")
+        print(f"launch: partition {known[0]} has no GPUs: the job runs {procs} CPU process{'es' if procs != 1 else ''}"
+              f" per node with gloo", file=sys.stderr)
+        return None
+    return procs
+
+
 # SLURM may signal a task at any moment, even while its interpreter starts. Each node's task therefore starts
-# through this stub, which blocks SIGUSR2 and execs the real interpreter: the mask survives exec, so the signal
-# waits (pending) until the node task takes it (see hold_preemption_signal) instead of killing the task.
-_HOLD_USR2 = ("import os,signal,sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
-              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+# through this stub, which blocks SIGUSR2 and SIGTERM and execs the real interpreter: the mask survives exec, so a
+# signal waits (pending) until the node task takes it (see hold_preemption_signal) instead of killing the task.
+_HOLD_SIGNALS = ("import os,signal,sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM}); "
+                 "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
 def held_python() -> str:
-    """The shell command that starts each node's task: this Python, with SIGUSR2 blocked from its first moment."""
-    return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(_HOLD_USR2)}"
+    """The shell command that starts each node's task: this Python, with SIGUSR2 and SIGTERM blocked from its first
+    moment."""
+    return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(_HOLD_SIGNALS)}"
+
+
+def relay_signals(srun_line: str) -> list[str]:
+    """The batch script's last lines: srun in the background and a shell that survives the preemption signals
+    that reach it and passes them on to the node tasks as SIGUSR2. `scancel --full`, `--signal=B:USR2@...` and a
+    signal to the whole job reach the batch shell too, and bash dies of SIGUSR2 and SIGTERM by default, which ended
+    the job (FAILED, 0:12) before any rank could checkpoint. A trap runs only once a foreground command ends, but it
+    interrupts `wait`: hence `&`, then waiting until srun has really ended, with its exit code."""
+    return ["# Preemption signals that reach this shell (scancel --full, --signal=B:USR2@...) must not end the job:",
+            "# the shell passes them on to the node tasks as SIGUSR2 and keeps waiting for srun.",
+            "trap 'kill -USR2 \"$launch_srun\" 2>/dev/null' USR2 TERM",
+            f"{srun_line} &",
+            "launch_srun=$!",
+            "launch_rc=0; wait \"$launch_srun\" || launch_rc=$?",
+            "while kill -0 \"$launch_srun\" 2>/dev/null; do launch_rc=0; wait \"$launch_srun\" || launch_rc=$?; done",
+            "exit \"$launch_rc\""]
+
+
+def _with_relay(script: str) -> str:
+    """submitit's batch script with its srun line run through `relay_signals`."""
+    lines = script.split("\n")
+    at = [i for i, line in enumerate(lines) if line.startswith("srun ")]
+    if len(at) != 1:
+        raise LauncherError("submitit's batch script does not have the one srun line the launcher expects; "
+                            "use --emit-sbatch, or the submitit version in constraints.txt")
+    return "\n".join(lines[:at[0]] + relay_signals(lines[at[0]]) + lines[at[0] + 1:])
 
 
 def _executor(cfg: Any, run_dir: str) -> Any:
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=os.path.join(run_dir, SUBMIT_DIR, "%j"),
-                                max_num_timeout=int(cfg.slurm.max_requeues), python=held_python())
+    class Executor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # submitit refuses to be built where srun is missing: --dry-run on a laptop
+            return 2
+
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            return _with_relay(super()._make_submission_file_text(command, uid))
+
+    ex = Executor(folder=os.path.join(run_dir, SUBMIT_DIR, "%j"),
+                  max_num_timeout=int(cfg.slurm.max_requeues), python=held_python())
     ex.update_parameters(**_sbatch_parameters(cfg))
     return ex
 
@@ -103,12 +193,12 @@ def standalone_sbatch(cfg: Any, run_dir: str, recipe_path: str) -> str:
         value = flags[key]
         lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={shlex.quote(str(value))}")
     lines += ["", "set -eo pipefail"] + list(params["setup"])
-    lines += ["", "# One task per node, started with SIGUSR2 blocked until it can take it. Each finds the first node",
-              "# (scontrol show hostnames), derives the port from the job id, takes its node rank from SLURM_NODEID",
-              "# (expanded by each task, not here), runs torchrun's agent, and after a preemption signal the first",
-              "# node's task requeues the job.",
-              f"srun --kill-on-bad-exit=1 --unbuffered {held_python()} -m launcher.backends.slurm "
-              f"{shlex.quote(run_dir)}", ""]
+    lines += ["", "# One task per node, started with SIGUSR2 and SIGTERM blocked until it can take them. Each finds the",
+              "# first node (scontrol show hostnames), derives the port from the job id, takes its node rank from",
+              "# SLURM_NODEID (expanded by each task, not here), runs torchrun's agent, and after a preemption signal",
+              "# the first node's task requeues the job."]
+    lines += relay_signals(f"srun --kill-on-bad-exit=1 --unbuffered {held_python()} -m launcher.backends.slurm "
+                           f"{shlex.quote(run_dir)}") + [""]
     return "\n".join(lines)
 
 
@@ -247,32 +337,47 @@ def _forward_to_children(signum: int) -> None:
                 pass
 
 
-def hold_preemption_signal(run_dir: str, env: SlurmEnv) -> None:
-    """Take SIGUSR2 for this node's task and its workers, however early it comes.
+_REQUEUED = threading.Event()  # set just before this task requeues the job: SLURM's SIGTERM is then the expected end
+_STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}
 
-    By default SIGUSR2 kills, and a worker needs a few seconds (importing torch) before its handler is in place.
-    So the signal is blocked here, before any worker exists: a blocked signal stays pending across fork and exec,
-    and each worker unblocks it once its handler is installed (`dist.StopRequest.install`). A thread of this task
-    receives the signals meant for it: it leaves a file that workers started later read (the signal came before
-    they existed), then passes the signal on to the workers in case SLURM signalled only this task.
+
+def hold_preemption_signal(run_dir: str, env: SlurmEnv) -> None:
+    """Take SIGUSR2 and SIGTERM for this node's task and its workers, however early they come.
+
+    By default both kill, and a worker needs a few seconds (importing torch) before its handler is in place.
+    So the signals are blocked here (and by the stub that started this task), before any worker exists: a blocked
+    signal stays pending across fork and exec; each worker unblocks SIGUSR2 once its handler is installed
+    (`dist.StopRequest.install`) and takes SIGTERM in a thread that tells SLURM's from the agent's
+    (`dist.StopRequest.take_slurm_sigterm`). A thread of this task receives the signals meant for it: SIGTERM
+    comes from SLURM (a preemption without a user signal, scancel), as nothing in the job sends it to this task;
+    either asks for a stop. It leaves a file that workers started later read (the signal came before they existed),
+    then passes SIGUSR2 on to the workers in case SLURM signalled only this task (its SIGTERM reaches every process
+    of the step). torch's agent never sees SIGTERM, so it does not tear the workers down before they checkpoint.
     """
     stop_file = os.path.join(run_dir, "slurm", f"stop-requested-{env.job_id}-{env.restart_count}")
     os.environ["LAUNCHER_STOP_FILE"] = stop_file  # read by dist.StopRequest.install
     os.environ["LAUNCHER_PREEMPTIBLE"] = "1"
 
     def on_signal(signum: int) -> None:
+        if signum == signal.SIGTERM and _REQUEUED.is_set():
+            _cancel_again_if_asked(env.job_id, run_dir)
+            os._exit(0)  # SLURM ends this allocation once the requeue is accepted: the expected end, not a failure
+        print(f"launch: received {signal.Signals(signum).name}: the workers checkpoint and stop", flush=True)
         os.makedirs(os.path.dirname(stop_file), exist_ok=True)
         with open(stop_file, "a"):
             pass
-        _forward_to_children(signum)
+        if signum == signal.SIGUSR2:  # SLURM's SIGTERM reaches every process of the step itself
+            _forward_to_children(signum)
 
     def receive() -> None:
         while True:
-            on_signal(signal.sigwait({signal.SIGUSR2}))
+            on_signal(signal.sigwait(_STOP_SIGNALS))
 
-    # The handler replaces submitit's instant requeue; it runs only if a thread started before this one takes it.
-    signal.signal(signal.SIGUSR2, lambda s, f: on_signal(s))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})  # threads started from here on inherit the mask
+    # The handlers replace submitit's instant requeue (SIGUSR2) and its bypass (SIGTERM); they run only if a thread
+    # started before this one takes a signal.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda s, f: on_signal(s))
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # threads started from here on inherit the mask
     threading.Thread(target=receive, name="launcher-preemption-signal", daemon=True).start()
 
 
@@ -281,6 +386,8 @@ def node_main(run_dir: str) -> int:
     env = SlurmEnv.from_environ()
     hold_preemption_signal(run_dir, env)
     cfg = recipe.load_resolved(os.path.join(run_dir, "config.yaml"))
+    if not (cfg.script.path or cfg.script.module):  # the built-in trainer checkpoints on SLURM's SIGTERM too
+        os.environ["LAUNCHER_STOP_ON_SIGTERM"] = "1"  # read by dist.StopRequest.take_slurm_sigterm
     check_allocation(env, cfg)
     hosts = nodelist.hostnames(env.nodelist)
     head, port = hosts[0], nodelist.port_for_job(env.job_id)
@@ -303,20 +410,51 @@ def _maybe_requeue(env: SlurmEnv, cfg: Any, run_dir: str, rc: int) -> int:
         return rc
     if marker.get("job_id") != env.job_id or str(marker.get("restart")) != str(env.restart_count):
         return rc  # left by an earlier allocation
+    cancelled = _cancelled(env.job_id, run_dir)
+    if cancelled:
+        print(f"launch: checkpointed at step {marker['step']}; not requeued: job {env.job_id} {cancelled}",
+              flush=True)
+        return 0
     if env.restart_count >= cfg.slurm.max_requeues:
         print(f"launch: checkpointed at step {marker['step']} but not requeued: slurm.max_requeues="
               f"{cfg.slurm.max_requeues} reached; relaunch to continue", flush=True)
         return 1
     print(f"launch: checkpointed at step {marker['step']}; requeueing job {env.job_id} "
           f"(requeue {env.restart_count + 1} of {cfg.slurm.max_requeues})", flush=True)
-    # SLURM ends this allocation with SIGTERM once the requeue is accepted: that is the expected end, not a failure.
-    signal.signal(signal.SIGTERM, lambda s, f: os._exit(0))
+    _REQUEUED.set()  # from now on SLURM's SIGTERM ends this task quietly (hold_preemption_signal)
     r = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True)
     if r.returncode != 0:
         print(f"launch: scontrol requeue failed: {r.stderr.strip()}", flush=True)
         return 1
+    _cancel_again_if_asked(env.job_id, run_dir)
     time.sleep(60)  # SLURM ends this allocation now; do not report success before it does
     return 0
+
+
+CANCEL_MARKER = "cancelled.json"  # {"job_id": ...}: left in the run directory by `launch cancel` before scancel
+
+
+def _cancelled(job_id: str, run_dir: str, state: bool = True) -> str | None:
+    """Why the job must not requeue itself, or None. A cancel must win: `scontrol requeue` takes back even a
+    cancelled job, and a scancel sent while the job checkpoints for a preemption would otherwise be undone."""
+    try:
+        with open(os.path.join(run_dir, CANCEL_MARKER)) as f:
+            if str(json.load(f).get("job_id")) == str(job_id):
+                return "was cancelled (launch cancel)"
+    except (OSError, ValueError, AttributeError):
+        pass
+    if state:
+        now = job_state(job_id)  # RUNNING while this task runs, unless the job was cancelled (or is ending)
+        if now not in ("RUNNING", "UNKNOWN"):  # UNKNOWN: squeue and sacct did not answer; requeue as asked
+            return f"is {now}, not RUNNING: cancelled or ending"
+    return None
+
+
+def _cancel_again_if_asked(job_id: str, run_dir: str) -> None:
+    """After the requeue: a `launch cancel` that came between the check and the requeue cancels the requeued job."""
+    if _cancelled(job_id, run_dir, state=False):
+        subprocess.run(["scancel", job_id], capture_output=True)
+        print(f"launch: job {job_id} was cancelled while it requeued: cancelled again", flush=True)
 
 
 class NodeTask:
