@@ -74,9 +74,13 @@ def metrics_step(run_dir: Path) -> int:
 
 def test_two_node_job_trains_with_right_ranks(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
+    secret = "tok-slurm-3b9d27c1"  # given by reference: the job's ranks resolve it, nothing written holds it
     r = run_launch(write(tmp_path), "--nodes", "2", "--gpus", "2", "--slurm", "--wait", "--run-dir", str(run_dir),
-                   cwd=tmp_path, timeout=300)
+                   "data.train._target_=components.TokenDataset", "data.train.token=${oc.env:FAKE_TOKEN}",
+                   cwd=tmp_path, timeout=300, env=launch_env(FAKE_TOKEN=secret, EXPECTED_TOKEN=secret))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert "${oc.env:FAKE_TOKEN}" in (run_dir / "config.yaml").read_text()
     assert re.search(r"submitted SLURM job \d+ \(2 nodes x 2 processes\)", r.stderr)
     assert "scancel" in r.stderr and "launch status" in r.stderr
     for rank in range(4):
