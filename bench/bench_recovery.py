@@ -1,14 +1,16 @@
 """Recovery from a killed worker, printed as a table (not a test):
 
-    .venv/bin/python bench/bench_recovery.py [--repeats 3]
+    .venv/bin/python bench/bench_recovery.py [--repeats 3] [--num-workers 1]
 
-A 2-process CPU run with `--max-restarts 1` and a checkpoint every 20 steps; once step 30 is logged, this script
-SIGKILLs rank 1. The time from the kill to the first step after the restart is split, from the restarted rank 0's
-`ready` event (events.jsonl) and its first step:
-  detect + restart   kill -> the new worker process starts (the agent notices, stops the survivors, re-rendezvous,
-                     spawns)
-  start-up           process start -> process group joined (Python and torch imports, worker rendezvous)
-  checkpoint load    reading and loading the newest committed checkpoint (model 9.0 M parameters + AdamW state)
+A 2-process CPU run with `--max-restarts 1`, `data.num_workers` loader workers per rank (default 1) and a
+checkpoint every 20 steps; once step 30 is logged, this script SIGKILLs rank 1. The time from the kill to the first
+step after the restart is split by phase, from the agent's `group_stop` / `group_stopped` events and the restarted
+rank 0's `ready` and `first_step` events (events.jsonl):
+  detect             kill -> the agent stops the group (it polls its workers every 0.1 s)
+  survivors' exit    -> every surviving rank (and its loader workers) has exited
+  restart / spawn    -> the new rank 0 process starts (re-rendezvous of the agents, process spawn)
+  worker start-up    -> process group joined (Python and torch imports, worker rendezvous)
+  resume load        reading and loading the newest committed checkpoint (model 9.0 M parameters + AdamW state)
   first step         from there to the end of the first step (DDP, loader start, one step)
 """
 
@@ -51,21 +53,33 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
-def once(tmp: Path) -> dict[str, float]:
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def once(tmp: Path, num_workers: int) -> dict[str, float]:
     recipe = tmp / "r.yaml"
     recipe.write_text(RECIPE)
     run_dir = tmp / f"run-{time.monotonic_ns()}"
-    proc = subprocess.Popen([LAUNCH, str(recipe), "--gpus", "2", "--max-restarts", "1", "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([LAUNCH, str(recipe), "--gpus", "2", "--max-restarts", "1", "--run-dir", str(run_dir),
+                             f"data.num_workers={num_workers}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     while last_step(run_dir) < 30:
         if proc.poll() is not None:
             sys.exit(proc.stderr.read())
         time.sleep(0.05)
-    log1 = (run_dir / "logs" / "rank1.log").read_text()
-    pid = int(re.findall(r"worker start: rank 1 .* pid (\d+)", log1)[-1])
+    pids = {rank: int(re.findall(rf"worker start: rank {rank} .* pid (\d+)",
+                                 (run_dir / "logs" / f"rank{rank}.log").read_text())[-1]) for rank in (0, 1)}
     t_kill = time.time()
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pids[1], signal.SIGKILL)
+    while alive(pids[0]) and proc.poll() is None:  # the survivor's exit, seen from outside
+        time.sleep(0.005)
+    t_survivor_gone = time.time()
     _, err = proc.communicate(timeout=600)
     if proc.returncode != 0:
         sys.exit(err)
@@ -73,9 +87,17 @@ def once(tmp: Path) -> dict[str, float]:
     ready = next(e for e in ev if e["event"] == "ready" and e["restart"] == 1)
     first = next(e for e in ev if e["event"] == "first_step" and e["time"] > ready["time"])
     loaded = ready["group_joined"] + ready["load_s"]
-    return {"detect + restart": ready["process_start"] - t_kill,
-            "start-up": ready["group_joined"] - ready["process_start"],
-            "checkpoint load": ready["load_s"],
+    stop = next((e for e in ev if e["event"] == "group_stop"), None)
+    stopped = next((e for e in ev if e["event"] == "group_stopped"), None)
+    if stop and stopped:
+        phases = {"detect": stop["time"] - t_kill, "survivors' exit": stopped["time"] - stop["time"]}
+    else:  # a launcher without the agent's events: the survivor's exit as this script saw it
+        phases = {"detect + survivors' exit": t_survivor_gone - t_kill}
+        stopped = {"time": t_survivor_gone}
+    return {**phases,
+            "restart / spawn": ready["process_start"] - stopped["time"],
+            "worker start-up": ready["group_joined"] - ready["process_start"],
+            "resume load": ready["load_s"],
             "first step": first["time"] - loaded,
             "kill -> first step after restart": first["time"] - t_kill}
 
@@ -83,10 +105,12 @@ def once(tmp: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-workers", type=int, default=1, help="data.num_workers: loader workers per rank")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
-    runs = [once(tmp) for _ in range(args.repeats)]
-    print(f"recovery from a SIGKILLed rank (2 CPU processes, --max-restarts 1), median of {args.repeats}:\n")
+    runs = [once(tmp, args.num_workers) for _ in range(args.repeats)]
+    print(f"recovery from a SIGKILLed rank (2 CPU processes, data.num_workers={args.num_workers}, --max-restarts 1), "
+          f"median of {args.repeats}:\n")
     print(f"| {'phase':<34} | {'seconds':>8} |")
     print(f"|{'-' * 36}|{'-' * 10}|")
     for key in runs[0]:

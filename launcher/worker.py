@@ -33,6 +33,7 @@ log = logging.getLogger("launcher")
 
 
 _LEAVING = False  # set as the worker's `finally` begins: from then on no signal handler raises
+_PRINTED: BaseException | None = None  # the error whose traceback main() wrote, so that it is written once
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -122,7 +123,7 @@ def die_with_agent() -> None:
 
 @record
 def main(argv: list[str] | None = None) -> None:
-    global _LEAVING
+    global _LEAVING, _PRINTED
     die_with_agent()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         if e.code not in (0, None):
             log.error("exiting with code %s", e.code)
         raise
-    except BaseException:
-        sys.stderr.write(traceback.format_exc())
+    except BaseException as e:
+        sys.stderr.write(traceback.format_exc())  # now: teardown below can hang until the agent kills the rank
+        _PRINTED = e
         raise
     finally:
         _LEAVING = True  # first: see install_signal_handlers
@@ -167,10 +169,18 @@ def exit_now(code: int) -> None:
     if shutdown is not None:
         shutdown()
     atexit._run_exitfuncs()
+    is_file: dict[type, bool] = {}  # one subclass check per type: a rank holds a few hundred thousand objects
     for obj in gc.get_objects():  # buffered data of files a script left open would be lost otherwise
         # type(), not isinstance(): isinstance reads obj.__class__, which a dead weak proxy or a deprecated
         # module attribute answers with an error or a warning
-        if issubclass(type(obj), io.IOBase):
+        tp = type(obj)
+        try:
+            file = is_file[tp]
+        except KeyError:
+            file = is_file[tp] = issubclass(tp, io.IOBase)
+        except TypeError:  # a metaclass that leaves its classes unhashable
+            file = issubclass(tp, io.IOBase)
+        if file:
             try:
                 if not obj.closed:
                     obj.flush()
@@ -191,7 +201,8 @@ if __name__ == "__main__":
         if isinstance(e.code, str):
             sys.stderr.write(e.code + "\n")
         exit_now(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
-    except Exception:  # what Python does with it, the traceback and exit code 1, minus the finalization
-        traceback.print_exc()
+    except Exception as e:  # what Python does with it, the traceback and exit code 1, minus the finalization
+        if e is not _PRINTED:  # main() printed its own already; this is one raised before main()'s try
+            traceback.print_exc()
         exit_now(1)
     exit_now(0)

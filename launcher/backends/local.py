@@ -76,7 +76,7 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         rdzv_backend="static" if node_rank is not None else "c10d",
         node_rank=node_rank,
         rdzv_endpoint="localhost:0 (a free port, this node only)" if single else str(rdzv_endpoint),
-        run_id=run_id or (_stable_run_id(run_dir, rdzv_endpoint) if rdzv_endpoint else uuid.uuid4().hex[:12]),
+        run_id=run_id or (_stable_run_id(rdzv_endpoint) if rdzv_endpoint else uuid.uuid4().hex[:12]),
         run_dir=run_dir,
         max_restarts=int(launch.max_restarts),
         rdzv_timeout_s=int(launch.rdzv_timeout_s or rdzv_timeout_default(int(launch.nodes))),
@@ -101,6 +101,7 @@ def run(p: Plan) -> int:
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.update(p.env)
+    _stop_children_of_failed_ranks(os.path.join(p.run_dir, "events.jsonl"))
     # The agent's shared store outlives a restart of the group, and restarted workers then read the previous
     # attempt's gloo addresses and fail to connect. A store of their own per attempt (hosted by rank 0) avoids it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -115,6 +116,7 @@ def run(p: Plan) -> int:
         rdzv_configs["rank"] = p.node_rank
     local_addr = None
     watch = None
+    store = None
     if not single:
         host, _, port = endpoint.rpartition(":")
         local_addr = rendezvous.local_addr_towards(host, int(port))
@@ -123,9 +125,13 @@ def run(p: Plan) -> int:
             if ifname:  # gloo otherwise picks the interface its host name resolves to
                 os.environ["GLOO_SOCKET_IFNAME"] = ifname
         if p.rdzv_backend == "c10d":
-            from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
-            if not _matches_machine_hostname(host) and rendezvous.hosts_endpoint(host, int(port)):
-                rdzv_configs["is_host"] = True  # an address of a secondary interface, which torch does not see
+            # Decided here, not by torch's guess from the host name: every agent on the endpoint's machine would
+            # guess it hosts, and one that misses an address of a secondary interface hosts nothing.
+            if rendezvous.is_local_address(host):
+                store = rendezvous.claim_store(host, int(port), t)
+            rdzv_configs["is_host"] = store is not None
+            if store is not None:
+                sys.stderr.write(f"launch: this node hosts the rendezvous store at {endpoint}\n")
             watch = rendezvous.RendezvousWatch(host, int(port), p.run_id, p.nodes, t).start()
     config = LaunchConfig(
         min_nodes=p.nodes, max_nodes=p.nodes, nproc_per_node=p.procs_per_node, run_id=p.run_id,
@@ -150,15 +156,59 @@ def run(p: Plan) -> int:
     return 0
 
 
+def _stop_children_of_failed_ranks(events_path: str) -> None:
+    """When the agent stops the worker group after a failure, first SIGKILL what is left of each failed rank's
+    process group: its DataLoader workers. They are forked from the rank and hold its gloo sockets open, so the
+    other ranks wait inside a collective (where SIGTERM cannot interrupt them) until those orphans notice their
+    parent is gone, up to torch's 5 s watchdog interval later; torch's agent signals only the ranks still running.
+    Each rank leads a process group of its own (the agent starts it in a new session), and a group's id is not
+    reused while the group has members. The stop and its end go to events.jsonl (`group_stop`, `group_stopped`)."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = getattr(api.SubprocessContext._close, "__wrapped__", api.SubprocessContext._close)
+
+    def _close(self: Any, death_sig: signal.Signals, timeout: int = 30) -> None:
+        failed = {r: h for r, h in self.subprocess_handlers.items() if h.proc.poll() not in (None, 0)}
+        for handler in failed.values():
+            try:
+                os.killpg(handler.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # nothing of that group is left
+                pass
+        first = failed and not getattr(self, "_launcher_stopped", False)  # the agent closes a group twice
+        if first:
+            self._launcher_stopped = True
+            _agent_event(events_path, "group_stop", failed_local_ranks=sorted(failed))
+        close(self, death_sig, timeout)
+        if first:
+            _agent_event(events_path, "group_stopped")
+
+    _close.__wrapped__ = close  # type: ignore[attr-defined]
+    api.SubprocessContext._close = _close  # type: ignore[method-assign]
+
+
+def _agent_event(path: str, name: str, **extra: Any) -> None:
+    """A milestone of this node's agent in events.jsonl, in the shape the ranks write theirs."""
+    import json
+    import time
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": name, "time": time.time(), "host": socket.gethostname(),
+                                "agent_pid": os.getpid(), **extra}) + "\n")
+    except OSError:
+        pass
+
+
 def _valid_endpoint(endpoint: str) -> bool:
     host, _, port = endpoint.rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
-def _stable_run_id(run_dir: str, endpoint: str) -> str:
-    """The same on every node that runs the same command: nodes of one job must agree on the rendezvous id."""
+def _stable_run_id(endpoint: str) -> str:
+    """The same on every node of one job: nodes agree on the rendezvous id only through what they share, the
+    endpoint. (An id from the run directory split two nodes given --run-dir of their own into two rendezvous
+    that each waited for the other.)"""
     import hashlib
-    return hashlib.sha1(f"{os.path.basename(run_dir)}@{endpoint}".encode()).hexdigest()[:12]
+    return hashlib.sha1(endpoint.encode()).hexdigest()[:12]
 
 
 def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12,

@@ -49,23 +49,46 @@ def interface_of(addr: str) -> str | None:
     return None
 
 
-def hosts_endpoint(host: str, port: int) -> bool | None:
-    """Whether this node should host the rendezvous store: True when `host` is an address of this machine and
-    nothing listens on `port` yet, False when something does (another node's agent on this machine), None when
-    `host` is not local. torch guesses from the host name alone and misses addresses of secondary interfaces."""
+def is_local_address(host: str) -> bool:
+    """Whether `host` names an address of this machine (of this network namespace), secondary interfaces included:
+    torch guesses from the host name alone and misses those."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return None
+        return False
     for family, _, _, _, addr in infos:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
-                s.bind(addr)
+                s.bind((addr[0], 0, *addr[2:]))  # port 0: asks whether the address is ours, takes no port
                 return True
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return False
-    return None
+            except OSError:
+                continue
+    return False
+
+
+def claim_store(host: str, port: int, timeout_s: float) -> Any | None:
+    """Host the rendezvous store on `port` unless another process already does: returns the store (keep it until
+    the agent has opened its own, which then shares its server: `multi_tenant`) or None.
+
+    Binding the port is the claim, so when several agents of one job run on one machine (two nodes tried on a
+    workstation, containers sharing one network) exactly one hosts the store, also when they start together. A
+    check that the port is free followed by a later bind lets two agents that start together both decide to host,
+    and the second then fails. The connect first makes sure no store is there already, even one whose server
+    shares its port (SO_REUSEPORT), which a bind alone would not notice."""
+    from torch.distributed import TCPStore
+
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return None  # something serves the port: another node's agent
+    except OSError:
+        pass
+    try:
+        return TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                        timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # DistNetworkError
+        if errno.errorcode[errno.EADDRINUSE] in str(e) or "address already in use" in str(e).lower():
+            return None  # the other agent bound it first
+        raise
 
 
 class _StateUnpickler(pickle.Unpickler):
