@@ -32,7 +32,7 @@ examples:
   launch status runs/NAME                       (SLURM state, progress, last checkpoint, logs)
   launch cancel runs/NAME
   launch ckpt ls runs/quickstart/checkpoints    (checkpoints: step, epoch, size, committed, latest)
-  launch ckpt export runs/quickstart/checkpoints/step-000000096 model.pt
+  launch ckpt export runs/quickstart/checkpoints model.pt   (newest committed model; or model.safetensors)
 
 exit codes: 0 done, 1 a rank failed, 2 bad input (nothing started), 128+N stopped by signal N
 """
@@ -90,16 +90,20 @@ def _ckpt(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     p_ls = sub.add_parser("ls", help="list checkpoints: step, epoch, size, world size, committed, latest")
     p_ls.add_argument("dir", help="checkpoint directory: a local path or s3://bucket/prefix")
-    p_ex = sub.add_parser("export", help="write a committed checkpoint's model as one torch.load-able file")
-    p_ex.add_argument("ckpt", help="a checkpoint folder (.../step-<N>)")
-    p_ex.add_argument("out", help="output file, e.g. model.pt")
+    p_ex = sub.add_parser("export", help="write a committed checkpoint's model as one file (torch.load or safetensors)")
+    p_ex.add_argument("ckpt", help="a checkpoint folder (.../step-<N>), or a checkpoint directory: its newest "
+                                   "committed checkpoint, as resume: auto picks it")
+    p_ex.add_argument("out", help="output file, e.g. model.pt or model.safetensors")
+    p_ex.add_argument("--format", choices=("pt", "safetensors"),
+                      help="pt: torch.load(out, weights_only=True) reads it; safetensors: needs "
+                           "pip install 'launcher[safetensors]' (default: safetensors for a .safetensors out, else pt)")
     for sp in (p_ls, p_ex):
         sp.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     a = p.parse_args(argv)
     from .checkpoint import tools
     if a.cmd == "ls":
         return tools.ls(a.dir, a.endpoint_url)
-    return tools.export(a.ckpt, a.out, a.endpoint_url)
+    return tools.export(a.ckpt, a.out, a.endpoint_url, a.format)
 
 
 def _main(argv: list[str]) -> int:

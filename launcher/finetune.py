@@ -1,9 +1,11 @@
 """Fine-tuning: start from pretrained weights, freeze parameters by name, per-group learning rates, unfreeze later.
 
 Pretrained weights come from a launcher checkpoint folder (or a checkpoint directory: its newest committed
-checkpoint), a file written by `launch ckpt export`, or any `torch.save` file holding a state dict (also wrapped
-as {'state_dict': ...} or {'model': ...}, as Lightning and most training scripts write it); local or on S3. Files
-are read with `weights_only=True`: nothing is unpickled but tensors and plain data.
+checkpoint whose metadata is not refused, newer damaged or refused ones passed over with a warning), a file written
+by `launch ckpt export`, a `.safetensors` file (as Hugging Face models ship; needs `launcher[safetensors]`), or any
+`torch.save` file holding a state dict (also wrapped as {'state_dict': ...} or {'model': ...}, as Lightning and most
+training scripts write it); local or on S3. Files are read with `weights_only=True` or safetensors: nothing is
+unpickled but tensors and plain data, and a checkpoint's DCP metadata only through the launcher's allow-list.
 """
 
 from __future__ import annotations
@@ -111,11 +113,14 @@ class InitReport:
 
 def read_source(spec: str, endpoint_url: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict at `spec` and a description of where it came from (which checkpoint, which entry)."""
+    from .checkpoint import dcp_io
+
     spec = spec.rstrip("/")
     parent, _, name = spec.rpartition("/")
     as_dir = Storage(spec, endpoint_url)
     is_dir = as_dir.is_dir(as_dir.root)
-    found, skipped = layout.newest_committed(as_dir) if is_dir else (None, [])
+    found, skipped = (layout.newest_committed(as_dir, check=lambda c: dcp_io.refusal(as_dir, c.path)) if is_dir
+                      else (None, []))
     if found is not None:
         for info in skipped:
             log.warning("finetune.init_from: skipped %s: %s", info.path, info.problem)
@@ -126,17 +131,22 @@ def read_source(spec: str, endpoint_url: str | None = None) -> tuple[dict[str, t
     except ValueError:
         info = None
     if info is not None and info.files:
-        if not info.committed:
-            raise InitError(f"finetune.init_from: {spec} is not a usable checkpoint: {info.problem}")
+        refused = dcp_io.refusal(storage, info.path) if info.committed else None
+        if not info.committed or refused:
+            raise InitError(f"finetune.init_from: {spec} is not a usable checkpoint: {refused or info.problem}")
         return _from_checkpoint(storage, info), f"{info.path} (step {info.step})"
     if is_dir:
+        passed = "".join(f"; passed over {s.path}: {s.problem}" for s in skipped)
         raise InitError(f"finetune.init_from: {spec} is a directory without a committed checkpoint (step-<N> "
-                        f"folders); name a checkpoint folder, a checkpoint directory or a state-dict file")
+                        f"folders) it can use; name a checkpoint folder, a checkpoint directory or a state-dict "
+                        f"file{passed}")
     path = storage.join(name)
     try:
         data = storage.read_bytes(path)
     except (OSError, FileNotFoundError) as e:
         raise InitError(f"finetune.init_from: cannot read {spec}: {e}") from e
+    if name.endswith(".safetensors") or _is_safetensors(data):
+        return _unwrap(_from_safetensors(data, spec), spec)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal or a file that is not a torch.save archive
@@ -149,6 +159,25 @@ def read_source(spec: str, endpoint_url: str | None = None) -> tuple[dict[str, t
 def _from_checkpoint(storage: Storage, info: layout.CheckpointInfo) -> dict[str, torch.Tensor]:
     from .checkpoint import dcp_io
     return dcp_io.model_state(storage, info.path)
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    return len(data) > 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+
+
+def _from_safetensors(data: bytes, spec: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, parsed from bytes (so S3 works): a JSON header and raw data, no code."""
+    try:
+        from safetensors.torch import load
+    except ImportError:
+        raise InitError(f"finetune.init_from: {spec} is a safetensors file, which needs the safetensors package: "
+                        f"pip install 'launcher[safetensors]'") from None
+    try:
+        return load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError on a malformed header or size
+        raise InitError(f"finetune.init_from: {spec} is not a readable safetensors file: "
+                        f"{str(e).strip().splitlines()[0][:200]}") from e
 
 
 def _is_state_dict(obj: Any) -> bool:

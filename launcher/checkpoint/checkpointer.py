@@ -5,8 +5,9 @@ ranks report to rank 0, which checks every file the DCP metadata names is there 
 train_state.json and then manifest.json last, and tells every rank the outcome. Only then is the checkpoint the
 newest. Retention runs after a commit and never touches a checkpoint newer than the committed one.
 
-Resume: rank 0 picks the checkpoint (the newest committed one, a damaged newer one skipped with a warning that
-names the file and the problem) and broadcasts its choice, so all ranks load the same one.
+Resume: rank 0 picks the checkpoint (the newest committed one whose DCP metadata reads as plain metadata; a damaged
+or refused newer one is skipped with a warning that names the file and the problem, and left in place) and
+broadcasts its choice, so all ranks load the same one.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Checkpointer:
         self._stager: Any = None
         # Async saves coordinate on a group of their own, so their collectives never interleave with training's.
         self._pg = tdist.new_group(backend="gloo") if (self.use_async and tdist.is_initialized()) else None
+        self._refused: set[str] = set()  # step folders whose metadata rank 0 refused: never counted nor removed
 
     # ------------------------------------------------------------------ state
     def _app_state(self) -> dict[str, Any]:
@@ -164,7 +166,7 @@ class Checkpointer:
     def _save(self, pos: Position, reason: str, metrics: dict[str, float] | None = None) -> None:
         name = layout.step_dir(pos.step)
         path = self.storage.join(name)
-        problem, clash = None, False
+        problem, clash, refused = None, False, None
         if self.info.is_main:
             try:
                 self.storage.makedirs(self.storage.root)
@@ -172,11 +174,17 @@ class Checkpointer:
                 if stale is not None and not stale.committed:
                     self.storage.remove_tree(path)  # leftovers of a save that never committed
                 clash = stale is not None and stale.committed
+                refused = dcp_io.refusal(self.storage, path) if clash else None
             except OSError as e:
                 problem = f"preparing {path} failed: {e}"
-        problem, clash = _broadcast((problem, clash), None)  # every rank learns what rank 0 found
+        problem, clash, refused = _broadcast((problem, clash, refused), None)  # every rank learns what rank 0 found
         if problem:
             raise CheckpointError(f"checkpoint {path} was not saved: {problem}; {self._intact()}")
+        if refused:
+            raise CheckpointError(f"checkpoint {path} was not saved: the folder holds a committed checkpoint whose "
+                                  f"metadata is refused ({refused}). It is never overwritten or deleted: move it "
+                                  f"out of {self.storage.root} (keep it to inspect; it may be crafted) and relaunch, "
+                                  f"or point checkpoint.dir at a new directory; {self._intact()}")
         if clash:
             raise CheckpointError(f"{path} already holds a committed checkpoint from another run; it is never "
                                   f"overwritten. Point checkpoint.dir at a new directory.")
@@ -309,7 +317,7 @@ class Checkpointer:
         """Keep the newest `keep` committed checkpoints; drop older ones and unfinished folders older than them."""
         if self.keep <= 0:
             return
-        found = layout.scan(self.storage)
+        found = [c for c in layout.scan(self.storage) if c.name not in self._refused]
         committed = [c for c in found if c.committed]
         if not committed:
             return
@@ -332,7 +340,10 @@ class Checkpointer:
         and RNG streams; return where training stands, or None to start fresh."""
         choice: dict[str, Any] = {"path": None, "skipped": [], "error": None}
         if self.info.is_main:
-            choice = self._choose(mode)
+            try:
+                choice = self._choose(mode)
+            except OSError as e:  # nothing was chosen, loaded or changed
+                choice["error"] = f"resume: reading the checkpoints in {self.storage.root} failed: {e}"
         choice = _broadcast(choice, None)
         for path, problem in choice["skipped"]:
             log.warning("resume: skipped %s: %s", path, problem)
@@ -354,8 +365,12 @@ class Checkpointer:
             out["error"] = f"resume=never: {mixing}" if mixing else None
             return out
         if mode == "auto":
-            found, skipped = layout.newest_committed(self.storage)
-            out["skipped"] = [(s.path, s.problem) for s in skipped]
+            found, skipped = layout.newest_committed(self.storage,
+                                                     check=lambda c: dcp_io.refusal(self.storage, c.path))
+            self._refused = {s.name for s in skipped if s.refused}
+            out["skipped"] = [(s.path, s.problem + (f"; the folder is left in place, and a save at step {s.step} "
+                                                    f"will stop with an error until it is moved away"
+                                                    if s.refused else "")) for s in skipped]
             if found is not None:
                 out["path"] = found.path
             return out
@@ -366,8 +381,9 @@ class Checkpointer:
         except ValueError:
             out["error"] = f"resume: {mode} is not a checkpoint folder (step-<N>)"
             return out
-        if not info.committed:
-            out["error"] = f"resume: {mode} cannot be used: {info.problem}"
+        refused = dcp_io.refusal(storage, info.path) if info.committed else None
+        if not info.committed or refused:
+            out["error"] = f"resume: {mode} cannot be used: {refused or info.problem}"
             return out
         if storage.root == self.storage.root and newest is not None and newest.step > info.step:
             out["error"] = (f"resume: {mode} is older than the newest checkpoint beside it (step {newest.step}); "

@@ -1,7 +1,8 @@
 """torch.distributed.checkpoint readers and writers for a Storage, with a metadata reader that unpickles nothing
-but DCP's own metadata classes (DCP's stock reader runs `pickle.load` on `.metadata`), and a load planner that reads
-non-tensor entries (the optimizer's param_groups) with `torch.load(weights_only=True)` (DCP's stock planner uses
-weights_only=False). Tensor data is raw storage, never unpickled."""
+but DCP's own metadata classes (DCP's stock reader runs `pickle.load` on `.metadata`) and refuses data files outside
+the step folder, and a load planner that reads non-tensor entries (the optimizer's param_groups) with
+`torch.load(weights_only=True)` (DCP's stock planner uses weights_only=False). Tensor data is raw storage, never
+unpickled."""
 
 from __future__ import annotations
 
@@ -19,30 +20,90 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from .storage import Storage
 
-_ALLOWED = {
-    "torch.distributed.checkpoint.metadata": None,  # every class of DCP's metadata module
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset", "slice", "complex", "tuple", "list", "dict"},
+# Exactly the (module, name) pairs DCP's `.metadata` pickle refers to (found with pickletools.dis over the files this
+# torch writes), and nothing else: no dotted names (protocol 4 resolves `os.system` under a module through its
+# attributes) and no functions but the one layout lookup. torch dtypes are allowed by value, see _MetadataUnpickler.
+_ALLOWED: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),  # a lookup in a table of torch.layout values
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"PosixPath", "PurePosixPath"}),  # StorageMeta.checkpoint_id
+    "pathlib._local": frozenset({"PosixPath", "PurePosixPath"}),  # the same classes, as Python 3.13+ names them
+    "collections": frozenset({"OrderedDict"}),
 }
 
 
+class MetadataRefused(pickle.UnpicklingError):
+    """A `.metadata` file that is not plain DCP metadata: it names another Python global, or its storage entries
+    point outside the step folder. Nothing in it was run."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, stream: Any, source: str) -> None:
+        super().__init__(stream)
+        self.source = source
+
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED.get(module, set())
-        if module in _ALLOWED and (allowed is None or name in allowed):
+        if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never "
-                                     f"needs; refusing to load it")
+        dtype = vars(torch).get(name) if module == "torch" else None  # no module __getattr__, no dotted names
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise MetadataRefused(f"{self.source} refers to the Python global {module}.{name}, which DCP metadata "
+                              f"never holds; refusing to load it (nothing in it was run). The file is crafted or "
+                              f"foreign: use another checkpoint, and do not trust this one")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise MetadataRefused(f"{self.source} holds a persistent reference, which DCP metadata never holds; "
+                              f"refusing to load it")
 
 
-def read_metadata(stream: Any) -> Metadata:
-    return _MetadataUnpickler(stream).load()
+def read_metadata(stream: Any, source: str = "checkpoint metadata") -> Metadata:
+    """DCP metadata from `stream` (the file `source`), unpickling only DCP's own classes; raises MetadataRefused
+    for anything else, or when a storage entry's file lies outside the step folder."""
+    try:
+        meta = _MetadataUnpickler(stream, source).load()
+    except (MetadataRefused, OSError):
+        raise
+    except Exception as e:  # a pickle that is not what DCP writes: wrong arguments, truncated, not a pickle
+        raise MetadataRefused(f"{source} is not DCP metadata ({type(e).__name__}: {str(e)[:200]}); refusing to "
+                              f"load it") from None
+    if not isinstance(meta, Metadata):
+        raise MetadataRefused(f"{source} holds a {type(meta).__name__}, not DCP metadata; refusing to load it")
+    if not isinstance(meta.storage_data, dict):
+        raise MetadataRefused(f"{source} has no table of data files; refusing to load it")
+    for item in meta.storage_data.values():
+        rel = getattr(item, "relative_path", None)
+        problem = _outside(rel)
+        if problem:
+            raise MetadataRefused(f"{source} names the data file {rel!r}, which {problem}; refusing to load it")
+    return meta
+
+
+def _outside(rel: Any) -> str | None:
+    """Why a storage entry's relative path would leave the step folder, or None when it stays inside."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a file name"
+    if "\\" in rel or "\0" in rel or ":" in rel:
+        return "is not a plain relative path"
+    if rel.startswith("/"):
+        return "is an absolute path"
+    if ".." in rel.split("/"):
+        return "leaves the step folder (a '..' component)"
+    return None
+
+
+def refusal(storage: Storage, path: str) -> str | None:
+    """Why the checkpoint folder `path`'s metadata is refused (a crafted global, a path out of the folder), or None
+    when it reads as plain DCP metadata. Storage errors propagate: they say nothing about the file."""
+    try:
+        metadata(storage, path)
+    except MetadataRefused as e:
+        return str(e)
+    return None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -68,7 +129,7 @@ class _SafeMetadataMixin:
         rank = kwargs.get("rank")
         path = self._get_metadata_path(rank)  # type: ignore[attr-defined]
         with self.fs.create_stream(path, "rb") as f:  # type: ignore[attr-defined]
-            metadata = read_metadata(f)
+            metadata = read_metadata(f, str(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
@@ -158,7 +219,8 @@ def reader(storage: Storage, path: str) -> Any:
 def metadata(storage: Storage, path: str) -> Metadata:
     """The DCP metadata of a checkpoint folder (tensor names, shapes, dtypes), read safely."""
     import io
-    return read_metadata(io.BytesIO(storage.read_bytes(storage.sub(path, ".metadata"))))
+    source = storage.sub(path, ".metadata")
+    return read_metadata(io.BytesIO(storage.read_bytes(source)), source)
 
 
 def model_state(storage: Storage, path: str) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .storage import Storage
 
@@ -42,6 +42,7 @@ class CheckpointInfo:
     step: int
     manifest: dict[str, Any] | None = None
     problem: str | None = None  # why it is not usable; None for a committed checkpoint
+    refused: bool = False  # committed, but its contents were refused (see newest_committed's `check`)
     files: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -93,10 +94,18 @@ def scan(storage: Storage) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
-def newest_committed(storage: Storage) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
-    """The newest committed checkpoint, and the newer step folders passed over (each with its problem)."""
+def newest_committed(storage: Storage, check: Callable[[CheckpointInfo], str | None] | None = None
+                     ) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
+    """The newest committed checkpoint, and the newer step folders passed over (each with its problem).
+
+    `check` may refuse a committed one (say why, or None): it is passed over like a damaged one, with `refused`
+    set; nothing is removed."""
     skipped = []
     for info in scan(storage):
+        if info.committed and check is not None:
+            refused = check(info)
+            if refused:
+                info.problem, info.refused = refused, True
         if info.committed:
             return info, skipped
         skipped.append(info)

@@ -1,9 +1,10 @@
-"""`launch ckpt ls DIR` and `launch ckpt export CKPT OUT`."""
+"""`launch ckpt ls DIR` and `launch ckpt export CKPT OUT [--format pt|safetensors]`."""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from . import layout
 from .storage import Storage
@@ -33,25 +34,85 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def export(ckpt: str, out: str, endpoint_url: str | None = None) -> int:
-    """Write the model's state_dict from a committed checkpoint as one file that
-    `torch.load(out, weights_only=True)` reads; no process group needed."""
+def export(ckpt: str, out: str, endpoint_url: str | None = None, fmt: str | None = None) -> int:
+    """Write the model's state_dict from a committed checkpoint as one file: `torch.load(out, weights_only=True)`
+    reads a .pt (the default), `safetensors.torch.load_file` a .safetensors (`fmt`, or an out name ending in
+    .safetensors). `ckpt` is a step folder, or a checkpoint directory: its newest committed checkpoint, as
+    `resume: auto` picks it (damaged or refused newer ones passed over with a warning). No process group needed."""
+    fmt = fmt or ("safetensors" if out.endswith(".safetensors") else "pt")
+    if fmt == "safetensors":
+        safetensors_module()
+    import torch
+
+    from . import dcp_io
+
+    storage, info = _exportable(ckpt, endpoint_url)
+    model = dcp_io.model_state(storage, info.path)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        if fmt == "safetensors":
+            with open(tmp, "wb") as f:
+                f.write(safetensors_bytes(model))
+        else:
+            torch.save(model, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    n = sum(v.numel() for v in model.values())
+    print(f"exported {len(model)} tensors ({n} values) from {info.path} (step {info.step}) to {out} ({fmt})")
+    return 0
+
+
+def _exportable(ckpt: str, endpoint_url: str | None) -> tuple[Storage, layout.CheckpointInfo]:
+    """The committed checkpoint `ckpt` names (a step folder, or a directory's newest), with its storage."""
+    from . import dcp_io
+
     root, _, name = ckpt.rstrip("/").rpartition("/")
     storage = Storage(root or ".", endpoint_url)
     try:
         info = layout.inspect(storage, name)
     except ValueError:
-        raise UsageError(f"{ckpt} is not a checkpoint folder (step-<N>); `launch ckpt ls DIR` lists them") from None
-    if not info.committed:
-        raise UsageError(f"{ckpt} cannot be exported: {info.problem}")
+        info = None
+    if info is not None:
+        refused = dcp_io.refusal(storage, info.path) if info.committed else None
+        if not info.committed or refused:
+            raise UsageError(f"{ckpt} cannot be exported: {refused or info.problem}")
+        return storage, info
+    directory = Storage(ckpt, endpoint_url)
+    found, skipped = layout.newest_committed(directory, check=lambda c: dcp_io.refusal(directory, c.path))
+    for s in skipped:
+        print(f"launch ckpt export: skipped {s.path}: {s.problem}", file=sys.stderr)
+    if found is None:
+        why = f" ({len(skipped)} step folder(s) passed over, see above)" if skipped else ""
+        raise UsageError(f"{ckpt} is neither a checkpoint folder (step-<N>) nor a directory with a committed "
+                         f"checkpoint{why}; `launch ckpt ls DIR` lists them")
+    return directory, found
+
+
+def safetensors_module() -> Any:
+    """safetensors.torch, or a UsageError saying how to install it (it is an optional extra)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UsageError("the safetensors format needs the safetensors package: pip install 'launcher[safetensors]'") \
+            from None
+    return safetensors.torch
+
+
+def safetensors_bytes(state: dict[str, Any]) -> bytes:
+    """`state` as a safetensors file. safetensors refuses tensors that share storage (tied weights) or do not
+    cover their storage contiguously: those are written as copies, each name keeping its own values."""
     import torch
 
-    from . import dcp_io
-
-    model = dcp_io.model_state(storage, info.path)
-    tmp = f"{out}.tmp{os.getpid()}"
-    torch.save(model, tmp)
-    os.replace(tmp, out)
-    n = sum(v.numel() for v in model.values())
-    print(f"exported {len(model)} tensors ({n} values) from {info.path} (step {info.step}) to {out}")
-    return 0
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        storage = value.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or not value.is_contiguous() or value.numel() * value.element_size() != storage.nbytes():
+            value = value.clone(memory_format=torch.contiguous_format)
+        if value.numel():
+            seen.add(value.untyped_storage().data_ptr())
+        tensors[key] = value.detach().cpu()
+    return safetensors_module().save(tensors, metadata={"format": "pt"})
