@@ -258,6 +258,11 @@ def test_export_of_a_directory_takes_its_newest_good_checkpoint(tmp_path, refere
     assert re.search(rf"skipped \S+{step(4)}: \S+__1_0.distcp has 5 bytes, the manifest says \d+", err), err
     assert re.search(rf"skipped \S+{step(2)}: \S+/.metadata refers to the Python global posix.system", err), err
     assert f"from {ckpt / step(1)} (step 1)" in out
+    listing = run_launch("ckpt", "ls", str(ckpt), cwd=tmp_path)  # resume's view: the crafted one is not usable
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()[1:-1]}
+    assert "REFUSED:" in rows["2"] and "posix.system" in rows["2"], listing.stdout
+    assert "committed, latest" in rows["1"] and "NOT COMMITTED:" in rows["4"], listing.stdout
     got, want = torch.load(tmp_path / "older.pt", weights_only=True), checkpoint_params(reference / step(2))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     (ckpt / step(1) / "manifest.json").unlink()

@@ -18,12 +18,18 @@ def ls(directory: str, endpoint_url: str | None = None, out=sys.stdout) -> int:
     if not found:
         print(f"no checkpoints in {storage.root}", file=out)
         return 0
+    from . import dcp_io  # its metadata is read as resume reads it: a refused checkpoint is never the latest
+    for c in found:
+        if c.committed:
+            refused = dcp_io.refusal(storage, c.path)
+            if refused:
+                c.problem, c.refused = refused, True
     latest = next((c.name for c in found if c.committed), None)
     print(f"{'step':>10} {'epoch':>6} {'offset':>8} {'world':>6} {'size':>10}  state", file=out)
     for c in found:
         m = c.manifest or {}
         state = ("committed" + (", latest" if c.name == latest else "")) if c.committed else \
-            f"NOT COMMITTED: {c.problem}"
+            f"{'REFUSED' if c.refused else 'NOT COMMITTED'}: {c.problem}"
         print(f"{c.step:>10} {m.get('epoch', '-'):>6} {m.get('sample_offset', '-'):>8} {m.get('world_size', '-'):>6} "
               f"{_mb(c.size):>10}  {state}", file=out)
     print(f"checkpoint dir: {storage.root}", file=out)
