@@ -165,10 +165,14 @@ def _stop_children_of_failed_ranks(events_path: str) -> None:
     reused while the group has members. The stop and its end go to events.jsonl (`group_stop`, `group_stopped`)."""
     from torch.distributed.elastic.multiprocessing import api
 
-    close = getattr(api.SubprocessContext._close, "__wrapped__", api.SubprocessContext._close)
+    original = getattr(getattr(api, "SubprocessContext", None), "_close", None)
+    if original is None:  # a torch without this private method: recovery works, only slower
+        log.debug("torch's SubprocessContext._close is not there; a failed rank's loader workers are left to torch")
+        return
+    close = getattr(original, "__wrapped__", original)
 
-    def _close(self: Any, death_sig: signal.Signals, timeout: int = 30) -> None:
-        failed = {r: h for r, h in self.subprocess_handlers.items() if h.proc.poll() not in (None, 0)}
+    def _close(self: Any, *args: Any, **kwargs: Any) -> None:
+        failed = {r: h for r, h in getattr(self, "subprocess_handlers", {}).items() if h.proc.poll() not in (None, 0)}
         for handler in failed.values():
             try:
                 os.killpg(handler.proc.pid, signal.SIGKILL)
@@ -178,7 +182,7 @@ def _stop_children_of_failed_ranks(events_path: str) -> None:
         if first:
             self._launcher_stopped = True
             _agent_event(events_path, "group_stop", failed_local_ranks=sorted(failed))
-        close(self, death_sig, timeout)
+        close(self, *args, **kwargs)
         if first:
             _agent_event(events_path, "group_stopped")
 
