@@ -119,8 +119,7 @@ def read_source(spec: str, endpoint_url: str | None = None) -> tuple[dict[str, t
     parent, _, name = spec.rpartition("/")
     as_dir = Storage(spec, endpoint_url)
     is_dir = as_dir.is_dir(as_dir.root)
-    found, skipped = (layout.newest_committed(as_dir, check=lambda c: dcp_io.refusal(as_dir, c.path)) if is_dir
-                      else (None, []))
+    found, skipped = dcp_io.newest_usable(as_dir) if is_dir else (None, [])
     if found is not None:
         for info in skipped:
             log.warning("finetune.init_from: skipped %s: %s", info.path, info.problem)
@@ -131,9 +130,9 @@ def read_source(spec: str, endpoint_url: str | None = None) -> tuple[dict[str, t
     except ValueError:
         info = None
     if info is not None and info.files:
-        refused = dcp_io.refusal(storage, info.path) if info.committed else None
-        if not info.committed or refused:
-            raise InitError(f"finetune.init_from: {spec} is not a usable checkpoint: {refused or info.problem}")
+        problem = dcp_io.unusable(storage, info)
+        if problem:
+            raise InitError(f"finetune.init_from: {spec} is not a usable checkpoint: {problem}")
         return _from_checkpoint(storage, info), f"{info.path} (step {info.step})"
     if is_dir:
         passed = "".join(f"; passed over {s.path}: {s.problem}" for s in skipped)

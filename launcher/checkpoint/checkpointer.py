@@ -365,8 +365,7 @@ class Checkpointer:
             out["error"] = f"resume=never: {mixing}" if mixing else None
             return out
         if mode == "auto":
-            found, skipped = layout.newest_committed(self.storage,
-                                                     check=lambda c: dcp_io.refusal(self.storage, c.path))
+            found, skipped = dcp_io.newest_usable(self.storage)
             self._refused = {s.name for s in skipped if s.refused}
             out["skipped"] = [(s.path, s.problem + (f"; the folder is left in place, and a save at step {s.step} "
                                                     f"will stop with an error until it is moved away"
@@ -381,9 +380,9 @@ class Checkpointer:
         except ValueError:
             out["error"] = f"resume: {mode} is not a checkpoint folder (step-<N>)"
             return out
-        refused = dcp_io.refusal(storage, info.path) if info.committed else None
-        if not info.committed or refused:
-            out["error"] = f"resume: {mode} cannot be used: {refused or info.problem}"
+        problem = dcp_io.unusable(storage, info)
+        if problem:
+            out["error"] = f"resume: {mode} cannot be used: {problem}"
             return out
         if storage.root == self.storage.root and newest is not None and newest.step > info.step:
             out["error"] = (f"resume: {mode} is older than the newest checkpoint beside it (step {newest.step}); "

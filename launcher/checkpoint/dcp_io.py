@@ -96,6 +96,18 @@ def _outside(rel: Any) -> str | None:
     return None
 
 
+def newest_usable(storage: Storage) -> tuple[Any, list[Any]]:
+    """`layout.newest_committed`, passing over checkpoints whose metadata is refused too: what `resume: auto`,
+    a checkpoint directory given to `finetune.init_from` and `launch ckpt export` take."""
+    from . import layout
+    return layout.newest_committed(storage, check=lambda c: refusal(storage, c.path))
+
+
+def unusable(storage: Storage, info: Any) -> str | None:
+    """Why the step folder `info` cannot be read (not committed, or its metadata refused), or None."""
+    return info.problem if not info.committed else refusal(storage, info.path)
+
+
 def refusal(storage: Storage, path: str) -> str | None:
     """Why the checkpoint folder `path`'s metadata is refused (a crafted global, a path out of the folder), or None
     when it reads as plain DCP metadata. Storage errors propagate: they say nothing about the file."""

@@ -81,12 +81,12 @@ def _exportable(ckpt: str, endpoint_url: str | None) -> tuple[Storage, layout.Ch
     except ValueError:
         info = None
     if info is not None:
-        refused = dcp_io.refusal(storage, info.path) if info.committed else None
-        if not info.committed or refused:
-            raise UsageError(f"{ckpt} cannot be exported: {refused or info.problem}")
+        problem = dcp_io.unusable(storage, info)
+        if problem:
+            raise UsageError(f"{ckpt} cannot be exported: {problem}")
         return storage, info
     directory = Storage(ckpt, endpoint_url)
-    found, skipped = layout.newest_committed(directory, check=lambda c: dcp_io.refusal(directory, c.path))
+    found, skipped = dcp_io.newest_usable(directory)
     for s in skipped:
         print(f"launch ckpt export: skipped {s.path}: {s.problem}", file=sys.stderr)
     if found is None:
