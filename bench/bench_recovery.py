@@ -1,6 +1,6 @@
 """Recovery from a killed worker, printed as a table (not a test):
 
-    .venv/bin/python bench/bench_recovery.py [--repeats 3] [--num-workers 1]
+    .venv/bin/python bench/bench_recovery.py [--repeats 3] [--num-workers 1] [--fresh]
 
 A 2-process CPU run with `--max-restarts 1`, `data.num_workers` loader workers per rank (default 1) and a
 checkpoint every 20 steps; once step 30 is logged, this script SIGKILLs rank 1. The time from the kill to the first
@@ -8,8 +8,10 @@ step after the restart is split by phase, from the agent's `group_stop` / `group
 rank 0's `ready` and `first_step` events (events.jsonl):
   detect             kill -> the agent stops the group (it polls its workers every 0.1 s)
   survivors' exit    -> every surviving rank (and its loader workers) has exited
-  restart / spawn    -> the new rank 0 process starts (re-rendezvous of the agents, process spawn)
-  worker start-up    -> process group joined (Python and torch imports, worker rendezvous)
+  restart / spawn    -> the new rank 0 process starts (re-rendezvous of the agents, the fork from the node's
+                        fork server, or a new interpreter with launch.preload_workers=false)
+  worker start-up    -> process group joined (worker rendezvous; with a fresh interpreter also Python and torch
+                        imports)
   resume load        reading and loading the newest committed checkpoint (model 9.0 M parameters + AdamW state)
   first step         from there to the end of the first step (DDP, loader start, one step)
 """
@@ -61,12 +63,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def once(tmp: Path, num_workers: int) -> dict[str, float]:
+def once(tmp: Path, num_workers: int, fresh: bool) -> dict[str, float]:
     recipe = tmp / "r.yaml"
     recipe.write_text(RECIPE)
     run_dir = tmp / f"run-{time.monotonic_ns()}"
     proc = subprocess.Popen([LAUNCH, str(recipe), "--gpus", "2", "--max-restarts", "1", "--run-dir", str(run_dir),
-                             f"data.num_workers={num_workers}"],
+                             f"data.num_workers={num_workers}", f"launch.preload_workers={str(not fresh).lower()}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     while last_step(run_dir) < 30:
@@ -106,11 +108,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-workers", type=int, default=1, help="data.num_workers: loader workers per rank")
+    ap.add_argument("--fresh", action="store_true",
+                    help="launch.preload_workers=false: every rank a fresh interpreter, as torchrun starts them")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
-    runs = [once(tmp, args.num_workers) for _ in range(args.repeats)]
-    print(f"recovery from a SIGKILLed rank (2 CPU processes, data.num_workers={args.num_workers}, --max-restarts 1), "
-          f"median of {args.repeats}:\n")
+    runs = [once(tmp, args.num_workers, args.fresh) for _ in range(args.repeats)]
+    how = "fresh interpreters" if args.fresh else "forked from the fork server"
+    print(f"recovery from a SIGKILLed rank (2 CPU processes {how}, data.num_workers={args.num_workers}, "
+          f"--max-restarts 1), median of {args.repeats}:\n")
     print(f"| {'phase':<34} | {'seconds':>8} |")
     print(f"|{'-' * 36}|{'-' * 10}|")
     for key in runs[0]:

@@ -194,8 +194,8 @@ class StopRequest:
 
     def take_slurm_sigterm(self) -> bool:
         """Under SLURM, make a SIGTERM from SLURM (a preemption without a user signal, `scancel --signal=TERM`, the
-        start of a cancel) a stop request, while a SIGTERM from the agent (this process's parent, which stops the
-        surviving ranks when one failed) still goes to the SIGTERM handler in place and unwinds the worker.
+        start of a cancel) a stop request, while a SIGTERM from the agent (`agent_pid`, which stops the surviving
+        ranks when one failed) still goes to the SIGTERM handler in place and unwinds the worker.
 
         A Python handler cannot tell who sent a signal, a thread in sigwaitinfo can: the SLURM node task starts
         workers with SIGTERM blocked (backends.slurm.hold_preemption_signal) and it stays blocked. Processes this
@@ -208,7 +208,7 @@ class StopRequest:
         if os.environ.get("LAUNCHER_STOP_ON_SIGTERM") != "1":
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # the handler in place takes it
             return False
-        agent = os.getppid()
+        agent = agent_pid()
 
         def receive() -> None:
             while True:
@@ -244,6 +244,15 @@ class StopRequest:
 
 
 STOP = StopRequest()
+
+
+def agent_pid() -> int:
+    """The pid of this node's agent (`launch`): $LAUNCHER_AGENT_PID, which the agent sets, since a rank forked
+    from the node's fork server has that server as its parent; else the parent."""
+    try:
+        return int(os.environ["LAUNCHER_AGENT_PID"])
+    except (KeyError, ValueError):
+        return os.getppid()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

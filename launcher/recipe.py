@@ -61,6 +61,11 @@ class LaunchSection:
         "in again cost up to a sixth of a small CPU training step. A rank's resident memory then stays at its peak. "
         "Off when GLIBC_TUNABLES or MALLOC_*_ variables already set malloc options, or another allocator is "
         "preloaded.", True)
+    preload_workers: bool = doc(
+        "Start the ranks from a fork server per node that has imported torch and the launcher once: a rank starts "
+        "in tens of milliseconds instead of seconds, at launch and on every restart after a failure. false: a fresh "
+        "interpreter per rank, as torchrun starts them (for a script that must change the environment before torch "
+        "is imported).", True)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""What every rank runs: `python -m launcher.worker RUN_DIR` (started by the local backend's torchrun agent).
+"""What every rank runs (started by the local backend's torchrun agent): `run_rank(RUN_DIR)` in a process forked
+from the node's fork server (`launch.preload_workers`, the default; see launcher.preload), or
+`python -m launcher.worker RUN_DIR` in a fresh interpreter.
 
 It reads RUN_DIR/config.yaml, sends its output to RUN_DIR/logs/rank<r>.log, then runs either the built-in trainer
 or the user's own script (with the torchrun environment already set), and always tears the process group down.
@@ -17,6 +19,7 @@ import atexit
 import gc
 import io
 import logging
+import multiprocessing
 import os
 import runpy
 import signal
@@ -65,18 +68,27 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGCHLD, on_child_exit)
 
 
+_SCRIPT_GLOBALS: list[dict] = []  # what a finished script left behind, kept until the process exits
+
+
 def run_script(cfg: recipe.DictConfig) -> None:
-    """Run a plain training script (or module) as `__main__`, as `python script.py ARGS` would."""
+    """Run a plain training script (or module) as `__main__`, as `python script.py ARGS` would.
+
+    Its globals are kept, never freed: as in `python script.py`, whose objects live until the process ends (and
+    this process ends without finalization, see `exit_now`). Freeing them here would run the destructors in the
+    middle of the rank: a DDP model of a script that already called destroy_process_group holds the last
+    reference to its gloo group, and that group's destructor waits, holding the GIL, for a gloo thread that needs
+    the GIL to finish its last work item (the rank hangs)."""
     args = [str(a) for a in cfg.script.args]
     if cfg.script.path:
         path = os.path.abspath(cfg.script.path)
         sys.argv = [path, *args]
         sys.path.insert(0, os.path.dirname(path))
-        runpy.run_path(path, run_name="__main__")
+        _SCRIPT_GLOBALS.append(runpy.run_path(path, run_name="__main__"))
     else:
         sys.argv = [cfg.script.module, *args]
         sys.path.insert(0, os.getcwd())
-        runpy.run_module(cfg.script.module, run_name="__main__", alter_sys=True)
+        _SCRIPT_GLOBALS.append(runpy.run_module(cfg.script.module, run_name="__main__", alter_sys=True))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -110,8 +122,9 @@ def keep_freed_memory() -> str:
 
 
 def die_with_agent() -> None:
-    """Ask Linux to SIGKILL this worker when the process that started it (the agent in `launch`) dies, so that a
-    `kill -9` of launch or a crashed agent never leaves orphaned ranks running (and holding GPUs)."""
+    """Ask Linux to SIGKILL this worker when the process that started it dies (the agent in `launch`, or the node's
+    fork server, which exits as soon as the agent does), so that a `kill -9` of launch or a crashed agent never
+    leaves orphaned ranks running (and holding GPUs)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -161,10 +174,69 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def exit_now(code: int) -> None:
-    """Leave the process with `code` after what a normal exit does for Python code, minus the interpreter's
-    finalization: once gloo and DDP were used, that aborts the process now and then (SIGABRT, "terminate called
-    without an active exception", no Python frame left), which would turn a finished rank into a failed one."""
+def run_rank(run_dir: str) -> None:
+    """A rank forked from the node's fork server (launcher.preload): the same as `python -m launcher.worker RUN_DIR`.
+
+    First what a fresh interpreter started by torch's agent would have: a session of its own (the agent stops a
+    rank by signalling its process group, loader workers included), the default dispositions of the signals the
+    server ignores, the command line of `python -m launcher.worker RUN_DIR` (the import path is the agent's, which
+    multiprocessing passes on), the platform's default start method (a fork server's child inherits "forkserver",
+    and its DataLoader would start a fork server of its own), and numpy's global generator seeded afresh (a forked
+    one would repeat the server's numbers on every rank). It returns instead of exiting, because multiprocessing
+    hands the return value to the agent; multiprocessing then ends the process without the interpreter's
+    finalization (see `exit_now`), after what `_leave` ran here."""
+    die_with_agent()
+    _let_the_fork_server_end_with_the_agent()
+    try:
+        os.setsid()
+    except OSError:  # already a group leader
+        pass
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    sys.argv = [os.path.abspath(__file__), run_dir]
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again, not the fork server
+    numpy = sys.modules.get("numpy.random")
+    if numpy is not None:
+        numpy.seed()
+    try:
+        main([run_dir])
+    except Exception as e:  # torch's wrapper keeps it for the agent's report and exits 1; print it as Python would
+        if e is not _PRINTED:
+            traceback.print_exc()
+        raise
+    finally:
+        _leave()
+
+
+def _let_the_fork_server_end_with_the_agent() -> None:
+    """Close this rank's copy of the pipe that keeps the fork server running. multiprocessing hands every child of
+    the server the agent's end of that pipe (so that a child could use the same server), and the server runs until
+    every copy is closed: with the ranks holding one, a killed agent would leave the server, and so the ranks (whose
+    death signal comes from the server), running. The death signal is in place already (`die_with_agent`); if the
+    agent died before that, this rank leaves now."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+    agent = os.environ.get("LAUNCHER_AGENT_PID", "")
+    if agent.isdigit():
+        try:
+            os.kill(int(agent), 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
+
+
+def _leave() -> None:
+    """What a normal exit does for Python code, minus the interpreter's finalization: join the non-daemon threads,
+    run the atexit handlers (logging, W&B), flush every open Python file."""
     shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, as interpreter exit does
     if shutdown is not None:
         shutdown()
@@ -191,6 +263,13 @@ def exit_now(code: int) -> None:
             stream.flush()
         except Exception:
             pass
+
+
+def exit_now(code: int) -> None:
+    """Leave the process with `code` after what a normal exit does for Python code, minus the interpreter's
+    finalization: once gloo and DDP were used, that aborts the process now and then (SIGABRT, "terminate called
+    without an active exception", no Python frame left), which would turn a finished rank into a failed one."""
+    _leave()
     os._exit(code)
 
 

@@ -161,6 +161,10 @@ def test_killing_launch_takes_its_workers_down(tmp_path):
         time.sleep(0.2)
         pids = [int(m) for k in (0, 1) if (run_dir / "logs" / f"rank{k}.log").exists()
                 for m in re.findall(r"worker start: .* pid (\d+)", (run_dir / "logs" / f"rank{k}.log").read_text())]
+    server = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"multiprocessing.forkserver"
+              in _read(p / "cmdline") and _read(p / "stat").rsplit(b")", 1)[-1].split()[1:2] == [b"%d" % proc.pid]]
+    assert server, "no fork server found for this run (launch.preload_workers is on by default)"
+    pids += server
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 15
@@ -169,4 +173,11 @@ def test_killing_launch_takes_its_workers_down(tmp_path):
         time.sleep(0.2)
         alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in
                  Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
-    assert not alive, f"workers {alive} outlived the launch process"
+    assert not alive, f"workers (or their fork server) {alive} outlived the launch process (fork server: {server})"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

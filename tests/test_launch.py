@@ -152,6 +152,68 @@ def test_failing_rank_is_reported_and_group_torn_down(tmp_path, mode, expected):
     assert "process group destroyed" in rank_log(run_dir, 0), "the surviving rank did not tear its group down"
 
 
+PROBE = """\
+import json, multiprocessing, os, signal, sys
+import numpy
+import torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"numpy": int(numpy.random.randint(2**31)), "start_method": multiprocessing.get_start_method(),
+               "own_group": os.getpgid(0) == os.getpid(), "parent": os.getppid(),
+               "agent": int(os.environ["LAUNCHER_AGENT_PID"]),
+               "default_signals": [signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGHUP, signal.SIGUSR1)]},
+              f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_ranks_start_as_fresh_interpreters_would_forked_or_not(tmp_path, preload):
+    """With launch.preload_workers (the default) every rank is forked from one fork server per node that imported
+    torch once; a rank must still look like the fresh interpreter it replaces (false)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    recipe = f"script: {{path: probe.py, args: ['{tmp_path}']}}\nlaunch: {{preload_workers: {str(preload).lower()}}}\n"
+    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    fresh = subprocess.run([sys.executable, "-c", "import multiprocessing; print(multiprocessing.get_start_method())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert ranks[0]["numpy"] != ranks[1]["numpy"], "numpy's global generator repeats across ranks"
+    for rank in ranks:
+        assert rank["start_method"] == fresh, rank  # a rank's DataLoader must not start a fork server of its own
+        assert rank["own_group"], "a rank must lead its own process group (the agent signals the group)"
+        assert all(rank["default_signals"]), "SIGHUP/SIGUSR1 left ignored, as the fork server has them"
+        assert (rank["parent"] != rank["agent"]) is preload, rank
+
+
+def test_the_fork_server_keeps_the_signal_mask_that_its_ranks_inherit(tmp_path):
+    """Under SLURM the node task blocks SIGTERM and SIGUSR2 before any worker exists, and every rank must start with
+    both blocked (dist.StopRequest tells SLURM's SIGTERM from the agent's). Starting the fork server must neither
+    unblock them in the agent nor start the server, and so the ranks, without them."""
+    code = """if True:
+    import multiprocessing, signal
+    from launcher.backends import local
+    def mask(q):
+        q.put(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())))
+    if __name__ == "__main__":
+        held = {signal.SIGTERM, signal.SIGUSR2}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        local._start_fork_server(%r)
+        q = multiprocessing.get_context("forkserver").SimpleQueue()
+        p = multiprocessing.get_context("forkserver").Process(target=mask, args=(q,))
+        p.start()
+        print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())) == sorted(held), q.get() == sorted(held))
+        p.join()
+""" % str(tmp_path)
+    (tmp_path / "probe_mask.py").write_text(code)
+    r = subprocess.run([sys.executable, str(tmp_path / "probe_mask.py")], capture_output=True, text=True,
+                       env=launch_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"], f"agent's mask kept, ranks' mask kept: {r.stdout} {r.stderr}"
+
+
 def test_plain_torchrun_script_runs_unchanged(tmp_path):
     script = ROOT / "recipes" / "scripts" / "plain_ddp.py"  # the shipped example
     r = run_launch(str(script), "--gpus", "2", "--", "--steps", "3", cwd=tmp_path)

@@ -1,8 +1,9 @@
 """The local backend: torchrun's elastic agent (torch.distributed.launcher), in this process.
 
 `plan()` is torch-free (it backs `--dry-run`); `run()` imports torch, starts `nodes x procs_per_node` workers
-(`python -m launcher.worker RUN_DIR`) and turns a worker failure into a report that names the rank, host, exit
-code or signal and that rank's log file.
+(forked from a fork server that imported torch once, `launcher.preload`, or `python -m launcher.worker RUN_DIR`
+with launch.preload_workers=false) and turns a worker failure into a report that names the rank, host, exit code
+or signal and that rank's log file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -81,6 +83,7 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         max_restarts=int(launch.max_restarts),
         rdzv_timeout_s=int(launch.rdzv_timeout_s or rdzv_timeout_default(int(launch.nodes))),
         entrypoint=[sys.executable, "-m", "launcher.worker", run_dir],
+        preload_workers=bool(launch.preload_workers),
         env=env,
         notes=notes,
     )
@@ -133,13 +136,18 @@ def run(p: Plan) -> int:
             if store is not None:
                 sys.stderr.write(f"launch: this node hosts the rendezvous store at {endpoint}\n")
             watch = rendezvous.RendezvousWatch(host, int(port), p.run_id, p.nodes, t).start()
+    os.environ["LAUNCHER_AGENT_PID"] = str(os.getpid())  # the ranks' parent may be the fork server instead
+    entrypoint: Any = p.entrypoint[0]
+    args: list[Any] = p.entrypoint[1:]
+    if p.preload_workers:
+        entrypoint, args = _start_fork_server(p.run_dir)
     config = LaunchConfig(
         min_nodes=p.nodes, max_nodes=p.nodes, nproc_per_node=p.procs_per_node, run_id=p.run_id,
         rdzv_backend=p.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
-        max_restarts=p.max_restarts, monitor_interval=0.1, start_method="spawn", local_addr=local_addr,
+        max_restarts=p.max_restarts, monitor_interval=0.1, start_method="forkserver", local_addr=local_addr,
     )
     try:
-        elastic_launch(config, entrypoint=p.entrypoint[0])(*p.entrypoint[1:])
+        elastic_launch(config, entrypoint=entrypoint)(*args)
     except ChildFailedError as e:
         sys.stderr.write(failure_report(e.failures, p.run_dir, restarts=p.max_restarts))
         return 1
@@ -156,44 +164,93 @@ def run(p: Plan) -> int:
     return 0
 
 
+def _start_fork_server(run_dir: str) -> tuple[Any, list[Any]]:
+    """Start this node's fork server now, with the environment the ranks get (everything above has set it): it
+    imports torch and the launcher (launcher.preload) while the agents meet, and every rank is then forked from it.
+    Returns the entrypoint and its arguments for torch's agent."""
+    import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
+
+    from ..worker import run_rank
+
+    multiprocessing.set_forkserver_preload(["launcher.preload"])
+    # The ranks inherit the server's signal mask (under SLURM SIGTERM and SIGUSR2 stay blocked from the start, see
+    # slurm.hold_preemption_signal). multiprocessing starts its resource tracker first and then unblocks SIGINT and
+    # SIGTERM in the calling thread: start the tracker alone, put the mask back, then start the server.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    forkserver.ensure_running()
+    return run_rank, [run_dir]
+
+
 def _stop_children_of_failed_ranks(events_path: str) -> None:
     """When the agent stops the worker group after a failure, first SIGKILL what is left of each failed rank's
     process group: its DataLoader workers. They are forked from the rank and hold its gloo sockets open, so the
     other ranks wait inside a collective (where SIGTERM cannot interrupt them) until those orphans notice their
     parent is gone, up to torch's 5 s watchdog interval later; torch's agent signals only the ranks still running.
-    Each rank leads a process group of its own (the agent starts it in a new session), and a group's id is not
-    reused while the group has members. The stop and its end go to events.jsonl (`group_stop`, `group_stopped`)."""
+    Each rank leads a process group of its own (the agent starts it in a new session; a forked rank makes one,
+    `worker.run_rank`), and a group's id is not reused while the group has members. The stop and its end go to
+    events.jsonl (`group_stop`, `group_stopped`).
+
+    Ranks started as commands (SubprocessContext): torch signals each surviving rank's group; the failed groups
+    are killed before, in its private `_close` (where it is missing, torch's close stays: recovery works, only
+    slower). Ranks forked from the fork server: torch's public `ProcessContext.join` stops the surviving ranks as
+    it finds a failed one; the failed groups are killed before it."""
     from torch.distributed.elastic.multiprocessing import api
+    from torch.multiprocessing.spawn import ProcessContext
 
-    original = getattr(getattr(api, "SubprocessContext", None), "_close", None)
-    if original is None:  # a torch without this private method: recovery works, only slower
+    sub = getattr(api, "SubprocessContext", None)
+    original = getattr(sub, "_close", None)
+    if original is None:
         log.debug("torch's SubprocessContext._close is not there; a failed rank's loader workers are left to torch")
-        return
-    close = getattr(original, "__wrapped__", original)
+    else:
+        close = getattr(original, "__wrapped__", original)
 
-    def _close(self: Any, *args: Any, **kwargs: Any) -> None:
-        failed = {r: h for r, h in getattr(self, "subprocess_handlers", {}).items() if h.proc.poll() not in (None, 0)}
-        for handler in failed.values():
-            try:
-                os.killpg(handler.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):  # nothing of that group is left
-                pass
-        first = failed and not getattr(self, "_launcher_stopped", False)  # the agent closes a group twice
-        if first:
-            self._launcher_stopped = True
-            _agent_event(events_path, "group_stop", failed_local_ranks=sorted(failed))
-        close(self, *args, **kwargs)
-        if first:
-            _agent_event(events_path, "group_stopped")
+        def _close(self: Any, *args: Any, **kwargs: Any) -> None:
+            handlers = getattr(self, "subprocess_handlers", {})
+            failed = {r: h.proc.pid for r, h in handlers.items() if h.proc.poll() not in (None, 0)}
+            first = _kill_failed_groups(self, events_path, failed)
+            close(self, *args, **kwargs)
+            if first:
+                _agent_event(events_path, "group_stopped")
 
-    _close.__wrapped__ = close  # type: ignore[attr-defined]
-    api.SubprocessContext._close = _close  # type: ignore[method-assign]
+        _close.__wrapped__ = close  # type: ignore[attr-defined]
+        sub._close = _close  # type: ignore[union-attr]
+
+    join = getattr(ProcessContext.join, "__wrapped__", ProcessContext.join)
+
+    def _join(self: Any, *args: Any, **kwargs: Any) -> Any:
+        failed = {i: p.pid for i, p in enumerate(self.processes) if p.exitcode not in (None, 0)}
+        first = _kill_failed_groups(self, events_path, failed)
+        try:
+            return join(self, *args, **kwargs)
+        finally:
+            if first:
+                _agent_event(events_path, "group_stopped")
+
+    _join.__wrapped__ = join  # type: ignore[attr-defined]
+    ProcessContext.join = _join  # type: ignore[method-assign]
+
+
+def _kill_failed_groups(context: Any, events_path: str, failed: dict[int, int]) -> bool:
+    """SIGKILL the process group of each failed rank (local rank -> pid); returns whether this is the first close of
+    the group after a failure (the agent closes a group twice), which is then written to events.jsonl."""
+    for pid in failed.values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # nothing of that group is left
+            pass
+    first = bool(failed) and not getattr(context, "_launcher_stopped", False)
+    if first:
+        context._launcher_stopped = True
+        _agent_event(events_path, "group_stop", failed_local_ranks=sorted(failed))
+    return first
 
 
 def _agent_event(path: str, name: str, **extra: Any) -> None:
     """A milestone of this node's agent in events.jsonl, in the shape the ranks write theirs."""
     import json
-    import time
     try:
         with open(path, "a") as f:
             f.write(json.dumps({"event": name, "time": time.time(), "host": socket.gethostname(),

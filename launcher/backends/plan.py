@@ -25,6 +25,7 @@ class Plan:
     rdzv_timeout_s: int
     node_rank: int | None = None  # fixed node rank (static rendezvous); None: assigned by the c10d rendezvous
     entrypoint: list[str] = field(default_factory=lambda: [sys.executable])
+    preload_workers: bool = False  # ranks forked from a fork server that imported torch (launcher.preload)
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

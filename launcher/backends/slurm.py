@@ -320,8 +320,10 @@ def check_allocation(env: SlurmEnv, cfg: Any) -> None:
 
 
 def _forward_to_children(signum: int) -> None:
-    """Pass a signal on to this process's children (the workers), in case SLURM signalled only the task."""
+    """Pass a signal on to this process's workers, in case SLURM signalled only the task: its children, and the
+    children of its fork server (launch.preload_workers) instead of the server itself, which ignores it."""
     me = os.getpid()
+    children: dict[int, list[int]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -330,11 +332,23 @@ def _forward_to_children(signum: int) -> None:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == me:
-            try:
-                os.kill(int(pid), signum)
-            except OSError:
-                pass
+        children.setdefault(ppid, []).append(int(pid))
+    workers: list[int] = []
+    for pid in children.get(me, []):
+        workers += children.get(pid, []) if _is_fork_server(pid) else [pid]
+    for pid in workers:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def _is_fork_server(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.forkserver" in f.read()
+    except OSError:
+        return False
 
 
 _REQUEUED = threading.Event()  # set just before this task requeues the job: SLURM's SIGTERM is then the expected end

@@ -1,0 +1,28 @@
+"""What a node's fork server imports once, before it forks the ranks (`launch.preload_workers`, the default).
+
+The local backend starts one fork server per node (multiprocessing's forkserver, with this module as its preload).
+Each rank is then a fork of a process that has imported torch and the launcher already, so it starts in tens of
+milliseconds instead of seconds: on a restart after a failure, and for every local rank at launch. Importing this
+module is what the fork server does, and nothing else imports it.
+
+The server itself must outlive the signals meant for the ranks (SLURM's preemption signals reach every process of
+the step; a `kill` of launch's process group reaches it too): they are ignored here, and each rank takes the default
+dispositions back first thing (`worker.run_rank`). The server ends when the agent does (multiprocessing closes its
+pipe), and its ranks then end too (`worker.die_with_agent`). Nothing here may touch a GPU: a forked process cannot
+use a CUDA context its parent made.
+"""
+
+import signal
+
+for _signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(_signum, signal.SIG_IGN)
+
+import importlib.util  # noqa: E402
+
+import torch  # noqa: E402,F401  the point of the fork server: imported once per node, not once per rank
+import torch._dynamo  # noqa: E402,F401  what torch.optim imports on the first optimizer built (0.4 s)
+
+from . import trainer, worker  # noqa: E402,F401
+
+if importlib.util.find_spec("tensorboard") is not None:  # rank 0 writes TensorBoard files by default
+    from torch.utils import tensorboard  # noqa: F401
