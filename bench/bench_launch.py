@@ -1,8 +1,9 @@
 """Launcher overhead, printed as a table (not a test):
 
-    .venv/bin/python bench/bench_launch.py [--repeats 10] [--steps 1500]
+    .venv/bin/python bench/bench_launch.py [--repeats 10] [--steps 1500] [--device auto|cpu|cuda] [--gpus N]
 
-1. steps/s of the built-in trainer vs a hand-written DDP loop (same model/data/optimizer, 2 CPU processes);
+1. steps/s of the built-in trainer vs a hand-written DDP loop (same model/data/optimizer, 2 CPU processes, or N
+   GPUs with NCCL on both sides when --device picks CUDA: the loop chooses its device as the trainer does);
    target ratio >= 0.97. The loop runs under plain torchrun (what a user has without the launcher) and as a
    script under `launch` (the same process set-up as the trainer: the ratio to it is the built-in loop's cost).
    Rate = steps between the first and last metrics rows / time between them; data in memory and num_workers=0
@@ -56,10 +57,14 @@ def attempt(fn, steps: int) -> tuple[float, float]:
         return fn(steps)
 
 
+DEVICE, PROCS = "cpu", "2"  # set by main(): the device both sides use, and processes per side
+
+
 def trainer_once(steps: int) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     t0 = time.time()
-    run([LAUNCH, "bench/trainer.yaml", "--gpus", "2", "--run-dir", str(out), f"trainer.max_steps={steps}"])
+    run([LAUNCH, "bench/trainer.yaml", "--gpus", PROCS, "--run-dir", str(out), f"trainer.max_steps={steps}",
+         f"trainer.device={DEVICE}"])
     return steady_rate(out / "metrics.jsonl"), first_step_s(out, t0)
 
 
@@ -67,8 +72,8 @@ def baseline_once(steps: int) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.time()
-    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "bench/ddp_baseline.py",
-         str(out), str(steps)], env=env)
+    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", PROCS, "bench/ddp_baseline.py",
+         str(out), str(steps), DEVICE], env=env)
     return steady_rate(out / "metrics.jsonl"), first_step_s(out, t0)
 
 
@@ -78,8 +83,8 @@ def baseline_launched_once(steps: int) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(prefix="bench-baseline-launched-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.time()
-    run([LAUNCH, "bench/ddp_baseline.py", "--gpus", "2", "--run-dir", str(out / "run"), "--", str(out), str(steps)],
-        env=env)
+    run([LAUNCH, "bench/ddp_baseline.py", "--gpus", PROCS, "--run-dir", str(out / "run"), "--", str(out), str(steps),
+         DEVICE], env=env)
     return steady_rate(out / "metrics.jsonl"), first_step_s(out, t0)
 
 
@@ -96,7 +101,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA when this torch sees a GPU (NCCL on both sides), else the CPU (gloo)")
+    ap.add_argument("--gpus", type=int, default=None, help="processes per side (default: every GPU, or 2 on the CPU)")
     a = ap.parse_args()
+    global DEVICE, PROCS
+    import torch
+    DEVICE = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
+    PROCS = str(a.gpus or (torch.cuda.device_count() if DEVICE == "cuda" else 2))
+    where = f"{PROCS} {'GPU' if DEVICE == 'cuda' else 'CPU'} ranks"
     ours, base, base_l = [], [], []
     arms = [(ours, trainer_once), (base, baseline_once), (base_l, baseline_launched_once)]
     for i in range(a.repeats):  # interleaved, rotating who goes first, so drift hits every arm alike
@@ -112,7 +125,7 @@ def main() -> None:
     help_s = wall([LAUNCH, "--help"], 5)
     dry_s = wall([LAUNCH, "recipes/quickstart.yaml", "--gpus", "2", "--dry-run"], 5)
     print(f"{'measure':52} {'launcher':>10} {'reference':>10} {'ratio':>7} target")
-    print(f"{'steps/s, MLP 3x512, batch 128/rank, 2 CPU ranks':52} {rate_o:10.1f} {rate_b:10.1f} "
+    print(f"{'steps/s, MLP 3x512, batch 128/rank, ' + where:52} {rate_o:10.1f} {rate_b:10.1f} "
           f"{ratio:7.3f} >= 0.97 (vs hand-written DDP under torchrun)")
     print(f"{'  the same, hand-written DDP run by launch':52} {rate_o:10.1f} {rate_l:10.1f} "
           f"{ratio_l:7.3f} (the built-in loop's own cost)")

@@ -16,10 +16,12 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from .backends.plan import DEVICE_ENV
 
 log = logging.getLogger("launcher")
 
@@ -65,15 +67,70 @@ def rank_info() -> RankInfo:
 
 
 def choose_device(kind: str = "auto") -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is wanted and present, else cpu."""
-    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("trainer.device is 'cuda' but this process sees no CUDA device")
+    """This process's device for trainer.device `kind`: cuda:LOCAL_RANK or cpu. Under the launcher, auto follows
+    the plan's decision ($LAUNCHER_DEVICE); without it (a plain `python train.py`), CUDA when torch sees a GPU.
+    ROCm builds of torch drive AMD GPUs through torch.cuda too. Raises RuntimeError when torch cannot do what the
+    plan decided (see `decide_device`)."""
     info = rank_info()
-    if info.local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK {info.local_rank} has no GPU: this host has {torch.cuda.device_count()}")
-    return torch.device("cuda", info.local_rank)
+    planned = os.environ.get(DEVICE_ENV) or None
+    chosen = decide_device(kind, planned, torch.cuda.device_count, build=torch_build(), local_rank=info.local_rank,
+                           local_world_size=info.local_world_size, who=f"rank {info.rank} on host {info.host}")
+    dev = torch.device("cuda", info.local_rank) if chosen == "cuda" else torch.device("cpu")
+    log.info("device %s (asked: %s, %s=%s)", dev, kind, DEVICE_ENV, planned or "unset: no launcher plan")
+    return dev
+
+
+def torch_build() -> str:
+    """This torch as errors name it: version, CUDA/HIP build or neither, and where it is installed."""
+    hip = getattr(torch.version, "hip", None)
+    cuda = getattr(torch.version, "cuda", None)
+    build = f"a ROCm build, HIP {hip}" if hip else f"a CUDA {cuda} build" if cuda else "a CPU-only build"
+    return f"torch {torch.__version__} ({build}, in {os.path.dirname(torch.__file__)})"
+
+
+def decide_device(kind: str, planned: str | None, count_gpus: Callable[[], int], *, build: str,
+                  local_rank: int = 0, local_world_size: int = 1, who: str = "this process") -> str:
+    """'cuda' or 'cpu' for one process; RuntimeError, naming both sides, when torch and the plan disagree.
+
+    `kind`: trainer.device (auto, cuda, cpu). `planned`: the launcher's decision ($LAUNCHER_DEVICE, taken from the
+    GPUs the driver's files show), None without a launcher. `count_gpus`: the GPUs this torch sees, called only
+    when a GPU may be used (a CPU process never touches CUDA). `build` (torch_build()) and `who` (e.g. "rank 3 on
+    host n1") go into the errors. Once the launcher planned a device, processes, backend (NCCL or gloo) and threads
+    were sized for it, so auto follows the plan: a torch that sees no GPU fails here rather than training on the
+    CPU while the launcher reports GPUs."""
+    if kind not in ("auto", "cuda", "cpu"):
+        raise RuntimeError(f"trainer.device must be auto, cuda or cpu, got {kind!r}")
+    if planned not in (None, "cuda", "cpu"):
+        raise RuntimeError(f"{DEVICE_ENV}={planned!r} is neither cuda nor cpu: it carries the launcher's device "
+                           f"decision to the ranks; leave it unset and let `launch` set it")
+    if kind == "cpu":
+        return "cpu"
+    procs = f"{local_world_size} process{'es' if local_world_size != 1 else ''}"
+    if planned == "cpu":
+        if kind == "cuda":
+            raise RuntimeError(f"{who} asks for cuda but the launcher planned cpu for this node ({DEVICE_ENV}=cpu: "
+                               f"no GPU in the driver's files, or trainer.device=cpu); check nvidia-smi or rocm-smi "
+                               f"and the *_VISIBLE_DEVICES variables, or ask for cpu")
+        return "cpu"
+    seen = count_gpus()
+    if planned == "cuda":
+        side = f"the launcher planned cuda for {procs} on this node, one per GPU found by the driver, but {build}"
+        if seen == 0:
+            raise RuntimeError(f"{side} sees no GPU ({who}): install a CUDA (or ROCm) build of torch in this "
+                               f"environment, or set trainer.device=cpu")
+        if local_rank >= seen:
+            raise RuntimeError(f"{side} sees only {seen}, none for LOCAL_RANK {local_rank} ({who}): check "
+                               f"CUDA_VISIBLE_DEVICES (HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES), or pass "
+                               f"--gpus {seen}")
+        return "cuda"
+    if seen == 0:  # no launcher: a plain `python train.py`
+        if kind == "cuda":
+            raise RuntimeError(f"trainer.device is 'cuda' but {build} sees no GPU ({who}): install a CUDA (or "
+                               f"ROCm) build of torch, or use trainer.device=cpu")
+        return "cpu"
+    if local_rank >= seen:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU ({who}): {build} sees {seen}")
+    return "cuda"
 
 
 def init(device: str | torch.device = "auto", timeout_s: float | None = None) -> RankInfo:
@@ -97,9 +154,11 @@ def init(device: str | torch.device = "auto", timeout_s: float | None = None) ->
     if "MASTER_ADDR" not in os.environ:  # a plain `python train.py`: a group of one
         kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     dist.init_process_group(**kwargs)
-    global _CHECK_GROUP
+    global _CHECK_GROUP, _STOP_GROUP
     if dist.get_world_size() > 1:  # made now: after a hang, no new group could be formed
         _CHECK_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+        if os.environ.get("LAUNCHER_PREEMPTIBLE") == "1":  # SLURM: the ranks agree on a stop request every step
+            _STOP_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     if dist.get_rank() != info.rank or dist.get_world_size() != info.world_size:
         raise RuntimeError(
             f"process group disagrees with the environment: group rank {dist.get_rank()}/{dist.get_world_size()}, "
@@ -108,14 +167,22 @@ def init(device: str | torch.device = "auto", timeout_s: float | None = None) ->
     return info
 
 
-def teardown() -> None:
-    """Leave the process group if one is up; always called from a `finally`."""
-    global _CHECK_GROUP
-    _CHECK_GROUP = None
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        if not dist.is_initialized():
-            log.info("process group destroyed")
+def teardown(abort: bool = False) -> None:
+    """Leave the process group if one is up; always called from a `finally`. `abort`: this rank is failing. Under
+    NCCL it then aborts its communicators instead of destroying them: a destroy waits for work queued with peers
+    that may be stuck or gone, and the rank would hang instead of exiting (its peers learn of it from the agent)."""
+    global _CHECK_GROUP, _STOP_GROUP
+    _CHECK_GROUP = _STOP_GROUP = None
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    abort_all = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch's, marked experimental
+    if abort and dist.get_backend() == "nccl" and abort_all is not None:
+        abort_all()
+        log.info("process group aborted (NCCL communicators of a failing rank)")
+        return
+    dist.destroy_process_group()
+    if not dist.is_initialized():
+        log.info("process group destroyed")
 
 
 def barrier() -> None:
@@ -133,6 +200,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 _CHECK_GROUP: Any = None  # a gloo group of every rank, used only to find ranks that stopped answering
+_STOP_GROUP: Any = None  # a gloo group of every rank for the per-step stop agreement under SLURM (`any_rank`)
 
 
 def is_timeout(e: BaseException) -> bool:
@@ -255,13 +323,20 @@ def agent_pid() -> int:
         return os.getppid()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank's flag is set (one tiny all-reduce, so no rank waits alone)."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank's flag is set: a one-byte all-reduce on a CPU side group (gloo), so no rank
+    waits alone and, under NCCL, nothing waits for the GPU (a CUDA tensor and `.item()` here would make the host
+    wait for every queued kernel, each step). Every rank must call it at the same point. Its own group: a rank
+    that hangs makes this time out, and the check that names it (`unresponsive_ranks`) needs a group not left
+    broken by that timeout."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    if _STOP_GROUP is None and dist.get_backend() != "gloo":
+        raise RuntimeError("dist.any_rank needs the CPU side group that dist.init makes under SLURM "
+                           "(LAUNCHER_PREEMPTIBLE=1)")
+    t = torch.tensor([1 if flag else 0], dtype=torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_STOP_GROUP)
+    return bool(t.item())
 
 
 def _free_port() -> int:

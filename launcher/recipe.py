@@ -97,7 +97,8 @@ class TrainerSection:
     max_epochs: Optional[int] = doc("Stop after this many epochs (whichever limit comes first).", None)
     log_every_steps: int = doc("Print and record progress every N steps.", 10)
     grad_clip_norm: Optional[float] = doc("Clip the global gradient norm to this value.", None)
-    device: str = doc("auto (CUDA when present, else CPU), cuda or cpu.", "auto")
+    device: str = doc("auto (GPUs when the driver shows any, NVIDIA or AMD, else CPU: decided by the launcher, "
+                      "followed by every rank), cuda or cpu.", "auto")
     precision: str = doc("fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler, kept in checkpoints).",
                          "fp32")
     val_every_steps: Optional[int] = doc("Validate every N optimizer steps (needs data.val).", None)
@@ -116,6 +117,10 @@ class TrainerSection:
                                                     "max-autotune, backend: inductor, dynamic: false}.", None)
     channels_last: bool = doc("Convolutional models: keep the model and 4-D inputs in channels_last memory format "
                               "(faster convolutions with tensor cores and on recent CPUs).", False)
+    deterministic: bool = doc(
+        "Deterministic kernels: torch.use_deterministic_algorithms, cuDNN deterministic without autotuning, and "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8. On CUDA a resume repeats the interrupted run bit for bit only with this "
+        "on; an operation without a deterministic kernel then fails naming itself. Slower on GPUs.", False)
 
 
 @dataclass
@@ -150,8 +155,8 @@ class SlurmSection:
     time_min: int = doc("Time limit in minutes (--time); the job is signalled signal_grace_s before it.", 60)
     constraint: Optional[str] = doc("Node features (--constraint).", None)
     mem: Optional[str] = doc("Memory per node, e.g. 64G (--mem).", None)
-    cpus_per_task: Optional[int] = doc("CPUs for each node's task (--cpus-per-task); default: 2 per process.",
-                                       None)
+    cpus_per_task: Optional[int] = doc("CPUs for each node's task (--cpus-per-task, to sbatch and srun); default: "
+                                       "2 per process. Each process gets OMP_NUM_THREADS=its share.", None)
     exclusive: bool = doc("Whole nodes only (--exclusive).", False)
     signal_grace_s: int = doc("Seconds before the time limit at which SLURM sends USR2 (checkpoint, requeue).", 120)
     max_requeues: int = doc("How many times the job requeues itself after preemption or a time limit.", 3)

@@ -168,7 +168,7 @@ class Trainer:
         self.stop_every_step = os.environ.get("LAUNCHER_PREEMPTIBLE") == "1"
         global_batch = int(cfg.data.batch_size) * self.info.world_size * self.accum
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
-        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler, self.scaler)
+        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler, self.scaler, device=device)
         self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout(), "monitor": self.watch,
                                     "unfrozen": self.unfrozen}
         # A checkpoint written after the unfreeze holds optimizer state for those parameters: unfreeze first.
@@ -478,7 +478,7 @@ class Trainer:
                     running.zero_()
                     n_running = 0
                 else:  # a step that logs nothing checks for a stop request only when preemptible (on SLURM)
-                    stop = self.stop_every_step and dist.any_rank(dist.STOP.requested, self.device)
+                    stop = self.stop_every_step and dist.any_rank(dist.STOP.requested)
                 if stop:
                     self._stop(self.position(batches, n_batches))
                     return
@@ -542,8 +542,22 @@ class Trainer:
         return timed, stop
 
 
+def deterministic_kernels() -> None:
+    """trainer.deterministic: kernels that give the same bits every time, before anything runs on the device.
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle (the first matmul), so it is set here, first;
+    an operation that has no deterministic kernel raises, naming itself, instead of varying silently."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    log.info("deterministic kernels: torch.use_deterministic_algorithms(True), cuDNN deterministic without "
+             "autotuning, CUBLAS_WORKSPACE_CONFIG=%s", os.environ["CUBLAS_WORKSPACE_CONFIG"])
+
+
 def train(cfg: DictConfig, run_dir: str) -> None:
     """Everything a rank does for a recipe with the built-in trainer, after logging is set up."""
+    if cfg.trainer.deterministic:
+        deterministic_kernels()
     device = dist.choose_device(cfg.trainer.device)
     info = dist.init(device)
     joined_at = time.time()

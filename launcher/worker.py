@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d; host memory: %s",
              info.rank, info.local_rank, info.world_size, info.node_rank, info.host, os.getpid(), info.restart_count,
              memory)
+    failed = False
     try:
         if cfg.script.path or cfg.script.module:
             run_script(cfg)
@@ -160,15 +161,17 @@ def main(argv: list[str] | None = None) -> None:
             train(cfg, run_dir)
     except SystemExit as e:
         if e.code not in (0, None):
+            failed = True
             log.error("exiting with code %s", e.code)
         raise
     except BaseException as e:
+        failed = True
         sys.stderr.write(traceback.format_exc())  # now: teardown below can hang until the agent kills the rank
         _PRINTED = e
         raise
     finally:
         _LEAVING = True  # first: see install_signal_handlers
-        dist.teardown()
+        dist.teardown(abort=failed)
         # From here the process only exits. Python restores default handlers while it shuts down, and by default
         # SIGUSR2 kills: a late preemption signal must not turn a finished rank into a failed one.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)

@@ -171,6 +171,21 @@ class OOMMLP(nn.Module):
         return self.lin(x)
 
 
+class AllocatingMLP(nn.Module):
+    """An MLP that asks the device for `gib` GiB at forward call `step`: a real out-of-memory on a GPU."""
+
+    def __init__(self, step: int = 3, gib: int = 1 << 20) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 4)
+        self.calls, self.step, self.gib = 0, step, gib
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.step:
+            x = x + torch.empty(self.gib << 30, dtype=torch.uint8, device=x.device).sum()
+        return self.lin(x)
+
+
 class LayoutProbeCNN(nn.Module):
     """A small CNN for 1x8x8 images that writes, on its first forward in each process, whether its input and its
     convolution weight are in channels_last memory format, to OUT/layout-rank<r>.txt."""

@@ -147,6 +147,21 @@ def test_killed_worker_restarts_group_and_resumes_exactly(tmp_path, store, refer
 
 
 @LOCAL_ONLY
+def test_preemptible_ranks_agree_on_a_stop_at_the_next_step_with_deterministic_kernels(tmp_path, store):
+    """Under SLURM (LAUNCHER_PREEMPTIBLE) the ranks agree on a stop request after every step, on a CPU side group
+    of their own (no GPU synchronisation under NCCL): SIGUSR2 on rank 1 during step 10 stops both after step 10,
+    not at the log step 12. trainer.deterministic switches deterministic kernels on and says so."""
+    r = launch(tmp_path, store, "run", "trainer.log_every_steps=3", "trainer.deterministic=true",
+               env={"USR2_AT_STEP": "10", "USR2_RANK": "1", "LAUNCHER_PREEMPTIBLE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "preempted.json").read_text())["step"] == 10
+    for rank in (0, 1):
+        log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
+        assert "stop requested: checkpointing at step 10" in log, log[-2000:]
+        assert "deterministic kernels: torch.use_deterministic_algorithms(True)" in log, log[:3000]
+
+
+@LOCAL_ONLY
 def test_stop_request_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, store, reference):
     """SIGUSR2 reaches rank 1 only, during step 10. The ranks agree on it at the next log step (12, with
     log_every_steps=3), write one committed checkpoint there and leave preempted.json; the relaunch resumes from it

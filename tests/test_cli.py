@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import ROOT, launch_env, run_launch
+from conftest import LAUNCH, ROOT, launch_env, require, run_launch
 from launcher import hardware, recipe
 from launcher.backends import local
 from launcher.errors import UsageError
@@ -45,6 +47,19 @@ def test_dry_run_prints_recipe_and_plan_and_starts_nothing(tmp_path):
         assert line in out
     assert "no CUDA device: running 2 processes per node on the CPU with gloo" in out
     assert not (tmp_path / "runs").exists(), "a dry run created the run directory"
+
+
+def test_dry_run_plans_threads_from_usable_cpus_and_the_device_for_the_ranks(tmp_path):
+    """OMP_NUM_THREADS comes from the CPUs `launch` may run on (taskset here), not from the machine's count."""
+    require(shutil.which("taskset") is not None, "taskset (util-linux) is not installed")
+    r = subprocess.run(["taskset", "-c", "0", LAUNCH, QUICK, "--gpus", "1", "--dry-run"], cwd=tmp_path,
+                       env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    env = yaml.safe_load(r.stdout.split("# process plan (nothing was started)\n", 1)[1])["plan"]["env"]
+    assert env["OMP_NUM_THREADS"] == "1", env
+    assert env["LAUNCHER_DEVICE"] == "cpu", env  # no GPU here: the plan's decision, which every rank follows
+    r = run_launch(QUICK, "--gpus", "1", "--dry-run", cwd=tmp_path, env=launch_env(OMP_NUM_THREADS="3"))
+    assert "OMP_NUM_THREADS: '3'" in r.stdout, "the user's own setting wins"
 
 
 def test_bad_inputs_exit_2_and_start_nothing(tmp_path):

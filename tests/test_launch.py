@@ -53,6 +53,8 @@ def test_trains_with_two_processes_and_writes_run_dir(tmp_path):
         text = rank_log(run_dir, rank)
         assert f"worker start: rank {rank} local_rank {rank} world_size 2" in text
         assert "backend gloo" in text and "process group destroyed" in text
+        # trainer.device=auto follows the plan's decision, which reached the rank in its environment
+        assert "device cpu (asked: auto, LAUNCHER_DEVICE=cpu)" in text
     # rank 0 prints progress (step, epoch, loss, samples/s) on the console; other ranks only warnings
     assert re.search(r"step 12/12 \| epoch \d+ \| loss \d+\.\d+ \| lr [\d.e-]+ \| \d+ samples/s", r.stdout)
     assert "[rank 1]" not in r.stdout
@@ -61,6 +63,7 @@ def test_trains_with_two_processes_and_writes_run_dir(tmp_path):
     assert config["launcher_version"]
     launch = json.loads((run_dir / "launch.json").read_text())
     assert launch["world_size"] == 2 and launch["dist_backend"] == "gloo"
+    assert launch["device"] == "cpu" and launch["env"]["LAUNCHER_DEVICE"] == "cpu"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12]
 

@@ -15,13 +15,13 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from .. import hardware
 from ..errors import UsageError
 from ..monitor import log_path
 from . import rendezvous
-from .plan import Plan
+from .plan import DEVICE_ENV, Plan
 
 log = logging.getLogger("launcher")
 
@@ -42,38 +42,41 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         raise UsageError(f"--rdzv-endpoint {rdzv_endpoint!r} is not HOST:PORT (for example node1:29500)")
     if node_rank is not None and not 0 <= node_rank < launch.nodes:
         raise UsageError(f"--node-rank {node_rank} is outside 0..{launch.nodes - 1} for --nodes {launch.nodes}")
+    # The one device decision of the job: GPUs as the driver's files show them (torch-free, so --dry-run and the
+    # submit path stay fast). Every rank follows it ($LAUNCHER_DEVICE, dist.choose_device), and `run` checks first
+    # that this environment's torch can drive them.
     wanted = cfg.trainer.device
     gpus = hardware.visible_gpu_count() if gpus is None else gpus
     notes: list[str] = []
     if wanted == "cuda" and gpus == 0:
-        raise UsageError("trainer.device is 'cuda' but this machine has no visible GPU "
-                         "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or set trainer.device=cpu")
+        raise UsageError("trainer.device is 'cuda' but this machine has no visible GPU (check nvidia-smi or "
+                         "rocm-smi, and CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES), or set "
+                         "trainer.device=cpu")
     use_cuda = gpus > 0 and wanted != "cpu"
     procs = launch.gpus_per_node
     if use_cuda:
         procs = gpus if procs is None else procs
         if procs > gpus:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            visible = hardware.visibility_settings()
             raise UsageError(
                 f"--gpus {procs} asks for more GPUs than this machine has: {gpus} visible"
-                f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}. "
+                f"{f' ({visible})' if visible else ''}. "
                 f"Use --gpus {gpus} or fewer, or set trainer.device=cpu to run CPU processes.")
     else:
         procs = 1 if procs is None else procs
         notes.append(f"no CUDA device: running {procs} process{'es' if procs != 1 else ''} per node on the CPU "
                      f"with gloo" if gpus == 0 else f"trainer.device=cpu: running {procs} CPU processes with gloo")
-    env: dict[str, str] = {"LAUNCHER_RUN_DIR": run_dir,
+    device = "cuda" if use_cuda else "cpu"
+    env: dict[str, str] = {"LAUNCHER_RUN_DIR": run_dir, DEVICE_ENV: device,
                            "LAUNCHER_COLLECTIVE_TIMEOUT_S": str(int(launch.collective_timeout_s))}
-    if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
-    else:
-        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    # The CPUs this process may use (affinity, SLURM's cpus per task) shared out; the user's own setting wins.
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(hardware.threads_per_process(procs))
     single = launch.nodes == 1 and rdzv_endpoint is None
     return Plan(
         backend="local",
         nodes=int(launch.nodes),
         procs_per_node=int(procs),
-        device="cuda" if use_cuda else "cpu",
+        device=device,
         dist_backend="nccl" if use_cuda else "gloo",
         rdzv_backend="static" if node_rank is not None else "c10d",
         node_rank=node_rank,
@@ -102,6 +105,7 @@ def run(p: Plan) -> int:
 
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 
+    check_device(p)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.update(p.env)
     _stop_children_of_failed_ranks(os.path.join(p.run_dir, "events.jsonl"))
@@ -123,10 +127,7 @@ def run(p: Plan) -> int:
     if not single:
         host, _, port = endpoint.rpartition(":")
         local_addr = rendezvous.local_addr_towards(host, int(port))
-        if local_addr and "GLOO_SOCKET_IFNAME" not in os.environ:
-            ifname = rendezvous.interface_of(local_addr)
-            if ifname:  # gloo otherwise picks the interface its host name resolves to
-                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        os.environ.update(socket_interface_env(local_addr, os.environ))
         if p.rdzv_backend == "c10d":
             # Decided here, not by torch's guess from the host name: every agent on the endpoint's machine would
             # guess it hosts, and one that misses an address of a secondary interface hosts nothing.
@@ -162,6 +163,39 @@ def run(p: Plan) -> int:
         if watch is not None:
             watch.stop()
     return 0
+
+
+def check_device(p: Plan) -> None:
+    """Before any worker starts: can this environment's torch drive the GPUs the plan decided on? The plan counted
+    them from the driver's files, without torch; a CPU-only torch on a GPU host would otherwise fail in every rank
+    (dist.choose_device makes the same check there). Raises UsageError naming both sides."""
+    if p.device != "cuda":
+        return
+    import torch
+
+    from .. import dist
+
+    # Counting initialises the CUDA driver in this process, which no rank inherits: ranks start in fresh
+    # interpreters (commands, or the fork server, itself a fresh interpreter).
+    try:
+        dist.decide_device("auto", p.device, torch.cuda.device_count, build=dist.torch_build(),
+                           local_rank=p.procs_per_node - 1, local_world_size=p.procs_per_node,
+                           who=f"the ranks' Python on host {socket.gethostname()}, checked before starting them")
+    except RuntimeError as e:
+        raise UsageError(f"{e}; nothing was started") from None
+
+
+def socket_interface_env(local_addr: str | None, environ: Mapping[str, str],
+                         interface_of: Callable[[str], str | None] = rendezvous.interface_of) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME for a multi-node run: the interface holding `local_addr`, this
+    node's address towards the rendezvous, for each one the user has not set. Left alone, gloo takes the interface
+    its host name resolves to and NCCL the first one it likes (a docker or management network the other nodes
+    may not reach). NCCL reads the name as a prefix (eth1 also matches eth10); '=' asks for exactly this one."""
+    ifname = interface_of(local_addr) if local_addr else None
+    if not ifname:
+        return {}
+    wanted = {"GLOO_SOCKET_IFNAME": ifname, "NCCL_SOCKET_IFNAME": f"={ifname}"}
+    return {name: value for name, value in wanted.items() if name not in environ}
 
 
 def _start_fork_server(run_dir: str) -> tuple[Any, list[Any]]:

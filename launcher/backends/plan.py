@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+DEVICE_ENV = "LAUNCHER_DEVICE"  # the plan's device (cuda or cpu) in every rank's environment: dist.choose_device
+
 
 @dataclass
 class Plan:
@@ -15,7 +17,7 @@ class Plan:
     backend: str
     nodes: int
     procs_per_node: int
-    device: str  # "cuda" or "cpu"
+    device: str  # "cuda" or "cpu": the job's one device decision, which every rank follows (DEVICE_ENV)
     dist_backend: str  # "nccl" or "gloo"
     rdzv_backend: str
     rdzv_endpoint: str

@@ -141,14 +141,21 @@ def relay_signals(srun_line: str) -> list[str]:
             "exit \"$launch_rc\""]
 
 
+# SLURM 22.05 to 23.02 do not pass the job's --cpus-per-task on to the steps srun starts, so each node's task (and
+# every rank it starts) would be bound to one CPU. srun is told again, only when the job asked for CPUs per task.
+SRUN_CPUS = "${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}"
+
+
 def _with_relay(script: str) -> str:
-    """submitit's batch script with its srun line run through `relay_signals`."""
+    """submitit's batch script with its srun line given the job's CPUs per task (SRUN_CPUS) and run through
+    `relay_signals`."""
     lines = script.split("\n")
     at = [i for i, line in enumerate(lines) if line.startswith("srun ")]
     if len(at) != 1:
         raise LauncherError("submitit's batch script does not have the one srun line the launcher expects; "
                             "use --emit-sbatch, or the submitit version in constraints.txt")
-    return "\n".join(lines[:at[0]] + relay_signals(lines[at[0]]) + lines[at[0] + 1:])
+    srun = f"srun {SRUN_CPUS} {lines[at[0]][len('srun '):]}"
+    return "\n".join(lines[:at[0]] + relay_signals(srun) + lines[at[0] + 1:])
 
 
 def _executor(cfg: Any, run_dir: str) -> Any:
@@ -197,8 +204,8 @@ def standalone_sbatch(cfg: Any, run_dir: str, recipe_path: str) -> str:
               "# first node (scontrol show hostnames), derives the port from the job id, takes its node rank from",
               "# SLURM_NODEID (expanded by each task, not here), runs torchrun's agent, and after a preemption signal",
               "# the first node's task requeues the job."]
-    lines += relay_signals(f"srun --kill-on-bad-exit=1 --unbuffered {held_python()} -m launcher.backends.slurm "
-                           f"{shlex.quote(run_dir)}") + [""]
+    lines += relay_signals(f"srun --kill-on-bad-exit=1 {SRUN_CPUS} --unbuffered {held_python()} -m "
+                           f"launcher.backends.slurm {shlex.quote(run_dir)}") + [""]
     return "\n".join(lines)
 
 

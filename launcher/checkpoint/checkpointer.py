@@ -59,11 +59,19 @@ class Position:
 
 
 class Checkpointer:
+    """Saves and loads this rank's part of a run's checkpoints.
+
+    `device` is the training device (default: the one `dist.choose_device` picks for `trainer.device`). Every
+    CUDA call in checkpointing (pinned staging buffers, events, synchronisation, the CUDA RNG stream, the device
+    of the background threads) follows it, not whether CUDA is available: trainer.device=cpu on a GPU host never
+    touches the GPU."""
+
     def __init__(self, cfg: DictConfig, run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any = None, scaler: Any = None) -> None:
+                 scheduler: Any = None, scaler: Any = None, device: torch.device | None = None) -> None:
         c = cfg.checkpoint
         self.cfg = cfg
         self.info = dist.rank_info()
+        self.device = device if device is not None else dist.choose_device(str(cfg.trainer.device))
         self.storage = Storage(c.dir or f"{run_dir}/checkpoints", c.endpoint_url)
         self.every_steps: int | None = c.every_steps
         self.every_s: float | None = c.every_minutes * 60 if c.every_minutes else None
@@ -191,7 +199,7 @@ class Checkpointer:
         dist.barrier()
         t0 = time.perf_counter()
         per_rank = {"rank": self.info.rank, "step": pos.step, "world_size": self.info.world_size,
-                    "rng": rng.capture()}
+                    "rng": rng.capture(self.device)}
         train_state = self._train_state(pos)
         train_state["metrics"] = dict(metrics or {})
         state = self._my_share(self._app_state())
@@ -199,14 +207,15 @@ class Checkpointer:
         self.last_time = time.monotonic()
         if self.use_async:
             if self._stager is None:  # staging buffers are allocated once and reused by every later save
-                self._stager = dcp_io.ReusingStager()
-            future = dcp.async_save(state, storage_writer=dcp_io.writer(self.storage, path), process_group=self._pg,
-                                    async_stager=self._stager)
+                self._stager = dcp_io.ReusingStager(self.device)
+            writer = dcp_io.writer(self.storage, path, device=self.device, staged=True)
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._pg, async_stager=self._stager)
             stall = time.perf_counter() - t0
             log.info("checkpoint %s: saving in the background (training stalled %.3f s)", name, stall)
 
             def finish() -> None:
                 try:
+                    dcp_io.use_device(self.device)
                     result = future.result() if hasattr(future, "result") else future.upload_completion.result()
                     self._commit(name, path, per_rank, train_state, result, t0, reason, group=self._pg)
                 except BaseException as e:  # surfaced on the main thread by wait()
@@ -218,7 +227,7 @@ class Checkpointer:
         for attempt in range(retries + 1):
             try:
                 faults.point("save.before_shards", pos.step, self.info.rank)
-                metadata = dcp.save(state, storage_writer=dcp_io.writer(self.storage, path))
+                metadata = dcp.save(state, storage_writer=dcp_io.writer(self.storage, path, device=self.device))
                 self._commit(name, path, per_rank, train_state, metadata, t0, reason, group=None)
                 return
             except (CheckpointException, CheckpointError) as e:  # raised on every rank together
@@ -413,7 +422,7 @@ class Checkpointer:
         saved_world = int(train_state["world_size"])
         if saved_world == self.info.world_size:
             per_rank = json.loads(storage.read_text(storage.sub(path, layout.rank_file(self.info.rank))))
-            rng.restore(per_rank["rng"])
+            rng.restore(per_rank["rng"], self.device, self.info.rank)
         else:
             from ..data import derive_seed
             from ..trainer import seed_all

@@ -152,27 +152,70 @@ class SafeFileSystemReader(_SafeMetadataMixin, FileSystemReader):
     pass
 
 
-def writer(storage: Storage, path: str, thread_count: int = 1, cache_staging: bool = False) -> Any:
-    """A DCP writer: local files are fsynced; `cache_staging` keeps async staging buffers for the next save."""
+def use_device(device: torch.device) -> None:
+    """Make `device` the current CUDA device of the calling thread (a no-op off CUDA). A new thread starts on
+    cuda:0, and its first CUDA call would open a context there: every rank's threads would crowd GPU 0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+class _OnDevice:
+    """A DCP writer that makes its training device current in whichever thread DCP runs it (DCP's async writer
+    thread among them) before it does any work. `storage_meta` is the first call `dcp.save` makes on a writer."""
+
+    def __init__(self, *args: Any, device: torch.device, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.device = device
+
+    def storage_meta(self, *args: Any, **kwargs: Any) -> Any:
+        use_device(self.device)
+        return super().storage_meta(*args, **kwargs)  # type: ignore[misc]
+
+    def write_data(self, *args: Any, **kwargs: Any) -> Any:
+        use_device(self.device)
+        return super().write_data(*args, **kwargs)  # type: ignore[misc]
+
+
+class _DeviceFileSystemWriter(_OnDevice, FileSystemWriter):
+    pass
+
+
+def writer(storage: Storage, path: str, *, device: torch.device, staged: bool = False, thread_count: int = 1) -> Any:
+    """A DCP writer for `path` that runs on the training `device`; local files are fsynced.
+
+    `staged`: the state is already in host memory (an async save's pinned staging buffers), and is written from
+    those buffers as they are. DCP's copy-ahead loader (copies to the host through a CUDA stream, chosen whenever
+    CUDA is available) is used only for a synchronous save from a CUDA device: for staged buffers, or when training
+    off CUDA on a GPU host, it would copy nothing and only open streams on the GPU. The writer never stages (an
+    async save passes our stager, so DCP does not copy the staged buffers again)."""
+    copy_ahead: dict[str, Any] = {} if device.type == "cuda" and not staged else {"per_thread_copy_ahead": 0}
     if storage.remote:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        return FsspecWriter(path, sync_files=False, thread_count=thread_count, overwrite=True, **storage.fs_kwargs)
-    return FileSystemWriter(path, sync_files=True, thread_count=thread_count, overwrite=True,
-                            cache_staged_state_dict=cache_staging and torch.cuda.is_available())
+
+        class _DeviceFsspecWriter(_OnDevice, FsspecWriter):
+            pass
+        return _DeviceFsspecWriter(path, sync_files=False, thread_count=thread_count, overwrite=True,
+                                   device=device, **copy_ahead, **storage.fs_kwargs)
+    return _DeviceFileSystemWriter(path, sync_files=True, thread_count=thread_count, overwrite=True, device=device,
+                                   **copy_ahead)
 
 
 class ReusingStager(AsyncStager):
-    """Async-save staging into host buffers that are allocated once and reused by every later save (DCP's own
-    cache pins memory, which needs CUDA). A copy is what makes training safe to go on while the write runs.
+    """Async-save staging into host buffers that are allocated once and reused by every later save (pinned when
+    training on CUDA, so the copies from the GPU run asynchronously). A copy is what makes training safe to go on
+    while the write runs.
 
-    On the CPU the copy is done when stage() returns. From CUDA the copies into pinned memory are queued on the
-    current stream and stage() returns a future that completes when they have landed: training goes on at once
-    (its next kernels on that stream run after the copies, so they cannot change what is copied), and the
-    writer thread waits for the future before it reads a byte."""
+    Off CUDA the copy is done when stage() returns, and CUDA is never asked anything. From a CUDA `device` the
+    copies into pinned memory are queued on that device's current stream and stage() returns a future that
+    completes when they have landed: training goes on at once (its next kernels on that stream run after the
+    copies, so they cannot change what is copied), and the writer thread waits for the future before it reads a
+    byte. The thread that waits for the copies runs on `device`."""
 
     _synchronize_after_execute = False
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cuda = device.type == "cuda"
         self._buffers: Any = None
         self._keys: Any = None
 
@@ -181,18 +224,18 @@ class ReusingStager(AsyncStager):
 
         keys = _structure(state_dict)
         if self._buffers is None or keys != self._keys:
-            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self._cuda)
             self._keys = keys
-        cuda = torch.cuda.is_available()
-        staged = _copy_state_dict(state_dict, self._buffers, non_blocking=cuda)
-        if not cuda:
+        staged = _copy_state_dict(state_dict, self._buffers, non_blocking=self._cuda)
+        if not self._cuda:
             return staged
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         future: Future = Future()
 
         def landed() -> None:
             try:
+                use_device(self.device)
                 event.synchronize()
                 future.set_result(staged)
             except BaseException as e:  # surfaces in the writer, which fails the save
@@ -201,8 +244,8 @@ class ReusingStager(AsyncStager):
         return future
 
     def synchronize_staging(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self._buffers = None

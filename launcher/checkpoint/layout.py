@@ -2,7 +2,7 @@
 
     <checkpoint dir>/step-000000120/
         __0_0.distcp, __1_0.distcp, .metadata     torch.distributed.checkpoint: model + optimizer, one file per rank
-        rank0.json, rank1.json                     per-rank state: RNG streams (python, numpy, torch, cuda)
+        rank0.json, rank1.json                     per-rank state: RNG streams (python, numpy, torch, its GPU's)
         train_state.json                           step, epoch, global sample offset, scheduler, scaler, recipe hash
         manifest.json                              written last, by rank 0, after every file above was verified
 
