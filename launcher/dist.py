@@ -148,7 +148,12 @@ def init(device: str | torch.device = "auto", timeout_s: float | None = None) ->
     kwargs: dict[str, Any] = {"timeout": timeout}
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        kwargs.update(backend="nccl", device_id=dev)
+        # NCCL's own watchdog gets the limit plus a margin: the host-side check on the gloo side group (`any_rank`,
+        # every step) fires first and names the rank that did not answer; NCCL's abort stays the backstop.
+        kwargs.update(backend="nccl", device_id=dev, timeout=datetime.timedelta(seconds=nccl_timeout_s(timeout_s)))
+        trace = os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+        if trace:  # the flight recorder's dump on a timeout (the launcher's plan sets it under the run directory)
+            os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
     else:
         kwargs.update(backend="gloo")
     if "MASTER_ADDR" not in os.environ:  # a plain `python train.py`: a group of one
@@ -157,7 +162,7 @@ def init(device: str | torch.device = "auto", timeout_s: float | None = None) ->
     global _CHECK_GROUP, _STOP_GROUP
     if dist.get_world_size() > 1:  # made now: after a hang, no new group could be formed
         _CHECK_GROUP = dist.new_group(backend="gloo", timeout=timeout)
-        if os.environ.get("LAUNCHER_PREEMPTIBLE") == "1":  # SLURM: the ranks agree on a stop request every step
+        if agree_every_step(dev):
             _STOP_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     if dist.get_rank() != info.rank or dist.get_world_size() != info.world_size:
         raise RuntimeError(
@@ -165,6 +170,19 @@ def init(device: str | torch.device = "auto", timeout_s: float | None = None) ->
             f"RANK={info.rank} WORLD_SIZE={info.world_size}")
     log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world_size, dist.get_backend())
     return info
+
+
+def nccl_timeout_s(limit_s: float) -> float:
+    """NCCL's collective timeout for launch.collective_timeout_s = `limit_s`: later by a margin (10 %, at least 30 s)
+    than the host-side check that names the rank at fault, which then always reports first."""
+    return limit_s + max(30.0, 0.1 * limit_s)
+
+
+def agree_every_step(device: torch.device) -> bool:
+    """Whether the ranks meet on the CPU side group after every step (`any_rank`): under SLURM, to agree on a
+    preemption signal; under NCCL, also as the host-side watchdog, since NCCL collectives do not block the host and
+    a rank that stops answering would otherwise surface only as NCCL's abort ("killed by signal")."""
+    return os.environ.get("LAUNCHER_PREEMPTIBLE") == "1" or device.type == "cuda"
 
 
 def teardown(abort: bool = False) -> None:
@@ -200,7 +218,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 _CHECK_GROUP: Any = None  # a gloo group of every rank, used only to find ranks that stopped answering
-_STOP_GROUP: Any = None  # a gloo group of every rank for the per-step stop agreement under SLURM (`any_rank`)
+_STOP_GROUP: Any = None  # a gloo group of every rank that meets after every step (`any_rank`, `agree_every_step`)
 
 
 def is_timeout(e: BaseException) -> bool:

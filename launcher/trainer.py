@@ -164,8 +164,9 @@ class Trainer:
         self.max_epochs: int | None = t.max_epochs
         self.clip: float | None = t.grad_clip_norm
         self.log_every = int(t.log_every_steps)
-        # Under SLURM a preemption signal may come at any step: agree on it every step (a one-float all-reduce).
-        self.stop_every_step = os.environ.get("LAUNCHER_PREEMPTIBLE") == "1"
+        # Under SLURM a preemption signal may come at any step, and under NCCL a hung rank must be found on the host:
+        # the ranks meet after every step on the CPU side group (a one-byte all-reduce, no GPU synchronisation).
+        self.stop_every_step = dist.agree_every_step(device)
         global_batch = int(cfg.data.batch_size) * self.info.world_size * self.accum
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
         self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler, self.scaler, device=device)
@@ -463,6 +464,10 @@ class Trainer:
                 if micro < group:
                     continue
                 micro = 0
+                # Under SLURM or NCCL the ranks meet on the CPU side group after every backward, before anything
+                # makes the host wait for the GPU (the optimizer step's scaler check, the log step's loss): a rank
+                # that stopped answering then times out here, where the report can name it (dist.agree_every_step).
+                agreed_stop = self.stop_every_step and dist.any_rank(dist.STOP.requested)
                 self.optimizer_step(self.measure_norm and (self.step + 1) % every == 0)
                 running += step_loss
                 if self.step == start_step:
@@ -473,12 +478,12 @@ class Trainer:
                 save_now = self.ckpt.due(self.step)
                 if self.step % every == 0 or self._done() or batches == n_batches:
                     timed, stop = self._record(running / n_running)  # the stop flag rides on the loss all-reduce
-                    stop = stop and not self._done()  # a run at its last step ends normally
+                    stop = (stop or agreed_stop) and not self._done()  # a run at its last step ends normally
                     save_now |= timed
                     running.zero_()
                     n_running = 0
-                else:  # a step that logs nothing checks for a stop request only when preemptible (on SLURM)
-                    stop = self.stop_every_step and dist.any_rank(dist.STOP.requested)
+                else:  # a step that logs nothing stops only on what the side group agreed (SLURM, NCCL)
+                    stop = agreed_stop
                 if stop:
                     self._stop(self.position(batches, n_batches))
                     return

@@ -166,3 +166,41 @@ def test_socket_interfaces_towards_the_rendezvous_for_gloo_and_nccl():
                                       interface_of=lambda addr: "eth1") == {"NCCL_SOCKET_IFNAME": "=eth1"}
     assert local.socket_interface_env(None, {}) == {}
     assert local.socket_interface_env("10.1.2.3", {}, interface_of=lambda addr: None) == {}
+
+
+# ----------------------------------------------------------------------------------------------- NCCL timeouts
+
+def test_nccl_runs_get_the_flight_recorder_and_a_later_timeout_than_the_host_side_check(tmp_path, monkeypatch):
+    """Under NCCL a hung rank must be named by the host-side check on the gloo side group (every step), which
+    waits launch.collective_timeout_s; NCCL's own watchdog waits longer, and its flight recorder dumps into the run
+    directory. A CPU plan sets none of it; a user's own setting wins."""
+    monkeypatch.delenv("LAUNCHER_PREEMPTIBLE", raising=False)
+    cfg = recipe.load(QUICK).cfg
+    p = local.plan(cfg, str(tmp_path), gpus=2)
+    assert p.env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(p.env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    assert p.env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "nccl-trace" / "rank_")
+    assert not any(k.startswith("TORCH_NCCL") for k in local.plan(cfg, str(tmp_path), gpus=0).env)
+    monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "/scratch/mine_")
+    assert "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" not in local.plan(cfg, str(tmp_path), gpus=2).env
+    for limit in (20, 600, 3600):
+        assert dist.nccl_timeout_s(limit) >= limit + 30
+    assert dist.agree_every_step(torch.device("cuda", 0)) and not dist.agree_every_step(torch.device("cpu"))
+    monkeypatch.setenv("LAUNCHER_PREEMPTIBLE", "1")
+    assert dist.agree_every_step(torch.device("cpu"))
+
+
+def test_a_rank_that_nccls_watchdog_aborted_is_reported_as_such(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank1.log").write_text(
+        "step 40/100 | loss 1.2\n[rank1]:[E1202 10:00:00] [PG ID 0 PG GUID 0(default_pg) Rank 1] Watchdog caught "
+        "collective operation timeout: WorkNCCL(SeqNum=812, OpType=ALLREDUCE, Timeout(ms)=660000) ran for 660012 "
+        "milliseconds before timing out.\n")
+    (tmp_path / "logs" / "rank0.log").write_text("step 40/100 | loss 1.2\n")
+    failures = {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=-6, error_file=str(tmp_path / "none.json"))
+                for r in (0, 1)}
+    report = local.failure_report(failures, str(tmp_path), host="n1")
+    assert report.count("NCCL's watchdog aborted") == 1, report
+    assert "NCCL's watchdog aborted rank 1" in report and str(tmp_path / "nccl-trace") in report, report
+    assert "killed by signal SIGABRT" in report

@@ -228,7 +228,7 @@ def test_a_gpu_checkpoint_exports_in_a_cpu_only_process(tmp_path, reference):
 
 def test_steps_per_second_against_the_hand_written_loop_on_the_same_gpu():
     gpus()
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launch.py"), "--repeats", "3", "--steps", "600",
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launch.py"), "--repeats", "2", "--steps", "500",
                         "--device", "cuda", "--gpus", "1"], capture_output=True, text=True, timeout=900,
                        env=launch_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]

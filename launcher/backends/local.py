@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -71,6 +72,8 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
                            "LAUNCHER_COLLECTIVE_TIMEOUT_S": str(int(launch.collective_timeout_s))}
     # The CPUs this process may use (affinity, SLURM's cpus per task) shared out; the user's own setting wins.
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(hardware.threads_per_process(procs))
+    if use_cuda:
+        env.update({k: v for k, v in nccl_flight_recorder(run_dir).items() if k not in os.environ})
     single = launch.nodes == 1 and rdzv_endpoint is None
     return Plan(
         backend="local",
@@ -90,6 +93,27 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         env=env,
         notes=notes,
     )
+
+
+def nccl_flight_recorder(run_dir: str) -> dict[str, str]:
+    """NCCL's flight recorder, on: the last collectives of every rank are kept, and dumped when NCCL's watchdog
+    times a collective out, one file per rank under RUN_DIR/nccl-trace/ (named in the failure report)."""
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(run_dir, "nccl-trace", "rank_")}
+
+
+_NCCL_WATCHDOG = re.compile(r"Watchdog caught collective operation timeout|ProcessGroupNCCL's watchdog|"
+                            r"NCCL watchdog|Some NCCL operations have failed or timed out")
+
+
+def nccl_watchdog_note(log_lines: list[str], run_dir: str, rank: int) -> str | None:
+    """When a rank's log shows that NCCL's own watchdog aborted it (a collective outlived NCCL's timeout, set a
+    margin above launch.collective_timeout_s), say so and where the flight recorder wrote what each rank was in."""
+    if not any(_NCCL_WATCHDOG.search(line) for line in log_lines):
+        return None
+    return (f"NCCL's watchdog aborted rank {rank}: a collective did not finish within NCCL's timeout "
+            f"(launch.collective_timeout_s plus a margin); the flight recorder's dump of each rank's last "
+            f"collectives is in {os.path.join(run_dir, 'nccl-trace')} (rank_<r>)")
 
 
 def rdzv_timeout_default(nodes: int) -> int:
@@ -329,6 +353,9 @@ def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = No
             out.append(f"    error: {message.strip().splitlines()[-1]}\n")
         out.append(f"    log: {path}\n")
         lines = _tail(path, tail)
+        note = nccl_watchdog_note(_tail(path, 200), run_dir, rank)
+        if note:
+            out.append(f"    {note}\n")
         if lines:
             out.append(f"    last lines of the log:\n")
             out.extend(f"      | {line}\n" for line in lines)
