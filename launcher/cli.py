@@ -19,6 +19,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import LauncherError, UsageError
+from .files import write_atomic
 
 HELP_EPILOG = """\
 examples:
@@ -240,10 +241,7 @@ def _write_launch_json(run_dir: str, plan: object, argv: list[str]) -> None:
     info = {"launcher_version": __version__, "argv": [redact(a) for a in argv], "cwd": os.getcwd(),
             "host": socket.gethostname(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **plan.to_dict()}  # type: ignore[attr-defined]
     path = os.path.join(run_dir, "launch.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

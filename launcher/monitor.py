@@ -16,6 +16,8 @@ import sys
 import time
 from typing import IO, Any
 
+from .files import write_atomic
+
 log = logging.getLogger("launcher")
 
 
@@ -202,10 +204,7 @@ def wandb_run_id(run_dir: str) -> str:
         pass
     import secrets
     run_id = secrets.token_hex(4)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(run_id + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, run_id + "\n")
     return run_id
 
 

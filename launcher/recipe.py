@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import imports
 from .errors import RecipeError, UsageError
+from .files import write_atomic
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -820,10 +821,7 @@ def save(cfg: DictConfig, path: str, extra: dict | None = None) -> None:
     Environment references stay references (see `_keep_env_references`); the ranks read this file."""
     body = _keys_out(Recipe, OmegaConf.to_container(cfg, resolve=False))
     text = yaml.safe_dump({**(extra or {}), **body}, sort_keys=False)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def load_resolved(path: str) -> DictConfig:

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 from .errors import UsageError
+from .files import write_atomic
 
 
 def _launch_info(run_dir: str) -> dict:
@@ -66,9 +67,7 @@ def cancel(run_dir: str) -> int:
     # cancel wins even when scancel comes between the checkpoint and the requeue (backends.slurm._cancelled).
     from .backends.slurm import CANCEL_MARKER
     marker = os.path.join(run_dir, CANCEL_MARKER)
-    with open(f"{marker}.tmp", "w") as f:
-        json.dump({"job_id": str(info["job_id"]), "time": time.time()}, f)
-    os.replace(f"{marker}.tmp", marker)
+    write_atomic(marker, json.dumps({"job_id": str(info["job_id"]), "time": time.time()}))
     r = subprocess.run(["scancel", str(info["job_id"])], capture_output=True, text=True)
     if r.returncode != 0:
         raise UsageError(f"scancel {info['job_id']} failed: {r.stderr.strip()}")

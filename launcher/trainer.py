@@ -23,7 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import data as data_mod
 from . import dist
 from . import finetune as ft
+from . import procs
 from .monitor import Progress, peak_memory_gib
+from .checkpoint import rng
 from .checkpoint.checkpointer import Checkpointer, Position
 from .recipe import instantiate
 
@@ -37,27 +39,6 @@ def fingerprint(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
-
-
-def process_start_time() -> float | None:
-    """Wall-clock time this process started (from /proc, to 10 ms), or None off Linux."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -119,13 +100,13 @@ class Trainer:
         self.info = dist.rank_info()
 
         t_cfg = cfg.trainer
-        seed_all(cfg.seed)  # identical on every rank: same initial weights
+        rng.seed_all(cfg.seed)  # identical on every rank: same initial weights
         model = instantiate(cfg.model, key="model")
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("model %s: %d parameters (%d trainable), fingerprint %s", type(model).__name__, n_params, n_train,
                  fingerprint(model))
-        seed_all(data_mod.derive_seed(cfg.seed, self.info.rank))  # per-rank streams from here on (dropout, noise)
+        rng.seed_all(data_mod.derive_seed(cfg.seed, self.info.rank))  # per-rank streams from here on (dropout, noise)
         self.channels_last = bool(t_cfg.channels_last)
         model.to(device, memory_format=torch.channels_last) if self.channels_last else model.to(device)
         self.model = model
@@ -210,7 +191,7 @@ class Trainer:
         self._data_wait = 0.0  # seconds spent waiting for the loader since the last log step
         self._last_record = self.step
         # When this attempt's milestones happened (bench/bench_recovery.py reads them after a restart).
-        self.progress.event("ready", restart=self.info.restart_count, process_start=process_start_time(),
+        self.progress.event("ready", restart=self.info.restart_count, process_start=procs.start_time(),
                             group_joined=joined_at, resumed_step=pos.step if pos is not None else None,
                             load_s=round(load_s, 4))
         log.info("data: %d samples, %d per rank per epoch, batch %d per rank (%d global), %d loader workers",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
+from s3 import free_port
+
 RECIPE = """\
 seed: 3
 model: {_target_: torch.nn.Identity}
@@ -24,12 +25,6 @@ data: {train: {_target_: launcher.zoo.datasets.SyntheticClassification}, batch_s
 trainer: {max_steps: 10}
 checkpoint: {keep: 0}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, env: dict, fn, *args) -> None:
@@ -55,7 +50,7 @@ def _rank_main(rank: int, world: int, port: int, env: dict, fn, *args) -> None:
 def _spawn(fn, world: int, *args, env: dict | None = None, timeout: float = 60) -> None:
     """Run fn(rank, *args) on each rank of a `world`-process gloo group; a rank's exception fails the test, and
     so does a hang (a collective that never completes)."""
-    ctx = mp.start_processes(_rank_main, args=(world, _free_port(), env or {}, fn, *args), nprocs=world, start_method="spawn",
+    ctx = mp.start_processes(_rank_main, args=(world, free_port(), env or {}, fn, *args), nprocs=world, start_method="spawn",
                              join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):

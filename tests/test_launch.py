@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TESTS, launch_env, run_launch
+from s3 import free_port
 
 RECIPE = """\
 seed: 3
@@ -260,17 +261,10 @@ def test_script_module_from_recipe_and_from_dash_m(tmp_path):
     assert "plain script rank 1 finished 1 steps" in rank_log(tmp_path / "runs" / "plain_ddp", 1)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("static", [False, True], ids=["c10d", "static-node-rank"])
 def test_two_launches_form_one_job_over_a_rendezvous(tmp_path, static):
     path = write(tmp_path)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     procs = []
     for node in (0, 1):
         extra = ["--node-rank", str(node)] if static else []

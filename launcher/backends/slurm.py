@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import recipe
+from .. import procs, recipe
 from ..errors import LauncherError, UsageError
+from ..files import write_atomic
 from . import local, nodelist
 
 SUBMIT_DIR = "slurm"  # under the run directory: submitit's pickles and the tasks' stdout/stderr
@@ -243,10 +244,7 @@ def _update_launch_json(run_dir: str, info: dict) -> None:
     data.setdefault("job_ids", [])
     if info.get("job_id") and info["job_id"] not in data["job_ids"]:
         data["job_ids"].append(info["job_id"])
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def job_state(job_id: str) -> str:
@@ -330,16 +328,7 @@ def _forward_to_children(signum: int) -> None:
     """Pass a signal on to this process's workers, in case SLURM signalled only the task: its children, and the
     children of its fork server (launch.preload_workers) instead of the server itself, which ignores it."""
     me = os.getpid()
-    children: dict[int, list[int]] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(pid))
+    children = procs.children_by_parent()
     workers: list[int] = []
     for pid in children.get(me, []):
         workers += children.get(pid, []) if _is_fork_server(pid) else [pid]

@@ -84,7 +84,6 @@ class Checkpointer:
         self.hash = recipe_hash(cfg)
         self.extras: Callable[[], dict] | None = None  # plain data the trainer keeps in every checkpoint
         self.before_load: Callable[[dict], None] | None = None  # given a checkpoint's extras before its tensors load
-        self.resumed_from: str | None = None
         self.last_step: int | None = None  # step of the newest checkpoint this run committed or resumed from
         self.committed_step: int | None = None  # the same, but only once it is committed
         self.last_time = time.monotonic()
@@ -425,8 +424,7 @@ class Checkpointer:
             rng.restore(per_rank["rng"], self.device, self.info.rank)
         else:
             from ..data import derive_seed
-            from ..trainer import seed_all
-            seed_all(derive_seed(int(self.cfg.seed), self.info.rank, int(train_state["step"])))
+            rng.seed_all(derive_seed(int(self.cfg.seed), self.info.rank, int(train_state["step"])))
             if self.info.is_main:
                 log.warning("resume: the checkpoint was written by %d ranks and this run has %d: model and "
                             "optimizer reshard, and no sample of the interrupted epoch is repeated or skipped, but "
@@ -437,7 +435,6 @@ class Checkpointer:
                         "written with (recipe hash %s, now %s)", path, train_state.get("recipe_hash"), self.hash)
         pos = Position(int(train_state["step"]), int(train_state["epoch"]), int(train_state["sample_offset"]),
                        train_state.get("extras") or {})
-        self.resumed_from = path
         self.last_step = self.committed_step = pos.step
         log.info("resume: from %s: step %d, epoch %d, sample %d of the epoch", path, pos.step, pos.epoch,
                  pos.sample_offset)

@@ -31,6 +31,14 @@ class CudaLayout:
         return f"cuda:{self.index} of {self.count} visible GPU{'s' if self.count != 1 else ''}"
 
 
+def seed_all(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (torch's seeds every CUDA device too): what `capture` saves and
+    `restore` brings back, seeded from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _b64(t: torch.Tensor) -> str:
     return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
 

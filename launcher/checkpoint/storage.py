@@ -13,13 +13,7 @@ import posixpath
 import shutil
 from typing import Any
 
-
-class StorageError(OSError):
-    """A storage operation failed; `retryable` says whether trying again may help (timeouts, throttling)."""
-
-    def __init__(self, message: str, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
+from ..files import write_atomic
 
 
 def is_url(path: str) -> bool:
@@ -84,19 +78,6 @@ class Storage:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
-    def size(self, path: str) -> int | None:
-        """Size in bytes, or None when the file does not exist."""
-        if not self.remote:
-            try:
-                return os.path.getsize(path)
-            except FileNotFoundError:
-                return None
-        try:
-            info = self._fs.info(self._strip(path), refresh=True)
-        except FileNotFoundError:
-            return None
-        return int(info.get("size") or 0) if info.get("type") != "directory" else None
-
     def list_files(self, directory: str) -> dict[str, int]:
         """name -> size of the files in a directory (hidden ones such as DCP's .metadata included)."""
         if not self.remote:
@@ -130,12 +111,6 @@ class Storage:
         except FileNotFoundError:
             return False
 
-    def exists(self, path: str) -> bool:
-        if not self.remote:
-            return os.path.exists(path)
-        self._invalidate(path)
-        return bool(self._fs.exists(self._strip(path)))
-
     # ------------------------------------------------------------------ writing
     def makedirs(self, path: str) -> None:
         if not self.remote:
@@ -147,13 +122,7 @@ class Storage:
         a single PUT on object stores)."""
         data = text.encode("utf-8")
         if not self.remote:
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
+            write_atomic(path, data, fsync=True)
             return
         self._fs.pipe_file(self._strip(path), data)
         self._invalidate(path)
@@ -167,29 +136,3 @@ class Storage:
         except FileNotFoundError:
             pass
         self._invalidate(path)
-
-    def remove_file(self, path: str) -> None:
-        if not self.remote:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            return
-        try:
-            self._fs.rm_file(self._strip(path))
-        except FileNotFoundError:
-            pass
-        self._invalidate(path)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

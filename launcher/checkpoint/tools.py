@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from . import layout
 from .storage import Storage
 from ..errors import UsageError
+from ..files import temporary_path
 
 
 def ls(directory: str, endpoint_url: str | None = None, out=sys.stdout) -> int:
@@ -54,17 +54,12 @@ def export(ckpt: str, out: str, endpoint_url: str | None = None, fmt: str | None
 
     storage, info = _exportable(ckpt, endpoint_url)
     model = dcp_io.model_state(storage, info.path)
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
+    with temporary_path(out) as tmp:
         if fmt == "safetensors":
             with open(tmp, "wb") as f:
                 f.write(safetensors_bytes(model))
         else:
             torch.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     n = sum(v.numel() for v in model.values())
     print(f"exported {len(model)} tensors ({n} values) from {info.path} (step {info.step}) to {out} ({fmt})")
     return 0
