@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as tdist
@@ -90,6 +91,65 @@ def fixed_bucket_layout(layout: list[list[int]] | None) -> Iterator[None]:
         tdist._compute_bucket_assignment_by_size = original
 
 
+class Group(NamedTuple):
+    """One optimizer step's micro-batches, `size` of them, taken from the loader only as they are used: taking a
+    group ahead would move a main-process loader's random augmentation (num_workers=0) relative to the model's
+    own random draws (dropout), and every loss after it."""
+    micro_batches: Iterator[Any]
+    size: int
+
+
+_END = object()
+
+
+def accumulation_groups(n_batches: int, accum: int) -> list[int]:
+    """The sizes of an epoch's accumulation groups: `accum` micro-batches each, the last one shorter when
+    `n_batches` is not a multiple of it (it still takes an optimizer step, on the mean of its own losses)."""
+    return [min(accum, n_batches - start) for start in range(0, n_batches, accum)]
+
+
+def grouped(batches: Iterable[Any], n_batches: int, accum: int) -> Iterator[Group]:
+    """An epoch's `n_batches` batches as accumulation groups, each to be used up before the next is asked for."""
+    it = iter(batches)
+    for size in accumulation_groups(n_batches, accum):
+        yield Group(itertools.islice(it, size), size)
+    if next(it, _END) is not _END:  # the loader's end (a loader with workers shuts them down here)
+        raise RuntimeError(f"the training loader gave more batches than its length ({n_batches})")
+
+
+def log_due(step: int, every: int, done: bool, epoch_end: bool) -> bool:
+    """A log step: every `every` steps, the last step of an epoch and the last of training."""
+    return step % every == 0 or done or epoch_end
+
+
+def validation_due(step: int, epoch: int, epoch_end: bool, every_steps: int | None,
+                   every_epochs: int | None) -> bool:
+    """Validation follows every `every_steps`-th step and the last step of every `every_epochs`-th epoch."""
+    if every_steps and step % every_steps == 0:
+        return True
+    return bool(epoch_end and every_epochs and (epoch + 1) % every_epochs == 0)
+
+
+def track_best(watch: dict[str, Any], value: float, step: int, mode: str, patience: int | None) -> bool:
+    """Note one validation's value of the monitored metric in `watch` (best, best_step, since_best): True when it
+    has not improved (lower in min mode, higher in max) for `patience` validations."""
+    best = watch["best"]
+    if best is None or (value < best if mode == "min" else value > best):
+        watch.update(best=value, best_step=step, since_best=0)
+    else:
+        watch["since_best"] += 1
+    return patience is not None and watch["since_best"] >= patience
+
+
+def epoch_position(step: int, epoch: int, epoch_start: int, batches: int, n_batches: int | None,
+                   samples_per_batch: int) -> Position:
+    """Where training resumes after `batches` of an epoch that began at global sample `epoch_start` (non-zero
+    after a resume) and has `n_batches` (None: not at its end): an ended epoch resumes at the next one's start."""
+    if n_batches is not None and batches >= n_batches:
+        return Position(step, epoch + 1, 0)
+    return Position(step, epoch, epoch_start + batches * samples_per_batch)
+
+
 class Trainer:
     """Owns the run's objects and the loop. Built on every rank from the same resolved recipe."""
 
@@ -126,8 +186,9 @@ class Trainer:
                           if cfg.lr_scheduler is not None else None)
         self.precision = str(t_cfg.precision)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
-        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not. A disabled scaler passes
+        # the loss and the optimizer step through untouched.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.accum = int(t_cfg.grad_accum_steps)
         self.loss_fn = instantiate(cfg.loss, key="loss")
         if isinstance(self.loss_fn, torch.nn.Module):
@@ -150,7 +211,8 @@ class Trainer:
         self.stop_every_step = dist.agree_every_step(device)
         global_batch = int(cfg.data.batch_size) * self.info.world_size * self.accum
         self.epoch_start = 0  # global sample offset the current epoch started from (non-zero after a resume)
-        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler, self.scaler, device=device)
+        self.ckpt = Checkpointer(cfg, run_dir, model, self.optimizer, self.scheduler,
+                                 self.scaler if self.scaler.is_enabled() else None, device=device)
         self.ckpt.extras = lambda: {"ddp_buckets": self._bucket_layout(), "monitor": self.watch,
                                     "unfrozen": self.unfrozen}
         # A checkpoint written after the unfreeze holds optimizer state for those parameters: unfreeze first.
@@ -190,6 +252,9 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None  # the latest measured (a tensor: read only at log steps)
         self._data_wait = 0.0  # seconds spent waiting for the loader since the last log step
         self._last_record = self.step
+        self._loss_sum = torch.zeros((), device=device)  # the steps' losses since the last log step
+        self._loss_steps = 0
+        self._start_step = self.step  # this attempt's first step is the one after it
         # When this attempt's milestones happened (bench/bench_recovery.py reads them after a restart).
         self.progress.event("ready", restart=self.info.restart_count, process_start=procs.start_time(),
                             group_joined=joined_at, resumed_step=pos.step if pos is not None else None,
@@ -247,7 +312,7 @@ class Trainer:
             with self._autocast():
                 loss = self.loss_fn(self.ddp(inputs), targets)
             scaled = loss.float() * share if share != 1.0 else loss
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self.scaler.scale(scaled).backward()
         return loss.detach().float()
 
     def _autocast(self) -> Any:
@@ -260,19 +325,15 @@ class Trainer:
         """Clip, step the optimizer and scheduler, clear the gradients. The global gradient norm is kept when
         clipping (it comes for free) or when `measure_norm`."""
         if self.clip is not None or measure_norm:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)
             if self.clip is not None:
                 self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             else:
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 self._grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                                          for g in grads])) if grads else None)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,24 +383,12 @@ class Trainer:
         self.progress.record_validation(self.step, self.epoch, metrics, int(sums[2]))
         return metrics
 
-    def _validation_due(self, batches: int, n_batches: int) -> bool:
-        if self.val_loader is None:
-            return False
-        if self.val_every_steps and self.step % self.val_every_steps == 0:
-            return True
-        return bool(batches == n_batches and self.val_every_epochs and (self.epoch + 1) % self.val_every_epochs == 0)
-
     def after_validation(self, metrics: dict[str, float]) -> None:
         """Track the monitored metric (its best value decides early stopping; the checkpoint saved with these
         metrics competes for checkpoint.keep_best)."""
         if self.monitor not in metrics:
             raise ValueError(f"trainer.monitor is {self.monitor}, but validation gave only {sorted(metrics)}")
-        value, best = metrics[self.monitor], self.watch["best"]
-        if best is None or (value < best if self.mode == "min" else value > best):
-            self.watch.update(best=value, best_step=self.step, since_best=0)
-        else:
-            self.watch["since_best"] += 1
-        if self.patience is not None and self.watch["since_best"] >= self.patience:
+        if track_best(self.watch, metrics[self.monitor], self.step, self.mode, self.patience):
             log.warning("early stopping at step %d: %s has not improved for %d validations (best %.4f at step %d)",
                         self.step, self.monitor, self.watch["since_best"], self.watch["best"],
                         self.watch["best_step"])
@@ -347,12 +396,10 @@ class Trainer:
                                 best_step=self.watch["best_step"])
             self.early_stopped = True
 
-    def position(self, batches: int, n_batches: int) -> Position:
+    def position(self, batches: int, n_batches: int | None = None) -> Position:
         """Where training stands after `batches` of this epoch's `n_batches` (an ended epoch is the next one)."""
-        if batches >= n_batches:
-            return Position(self.step, self.epoch + 1, 0)
-        consumed = batches * int(self.cfg.data.batch_size) * self.info.world_size
-        return Position(self.step, self.epoch, self.epoch_start + consumed)
+        return epoch_position(self.step, self.epoch, self.epoch_start, batches, n_batches,
+                              int(self.cfg.data.batch_size) * self.info.world_size)
 
     def fit(self) -> None:
         try:
@@ -411,82 +458,31 @@ class Trainer:
 
     def _fit(self) -> None:
         t0 = time.perf_counter()
-        every = self.log_every
-        seed = int(self.cfg.seed)
-        running = torch.zeros((), device=self.device)
-        n_running = 0
         self.progress.reset_clock(self.step)
-        start_step = self.step
         if self._done():
             log.info("nothing to train: already at step %d, epoch %d", self.step, self.epoch)
-        batches, n_batches = 0, 1
+        batches = 0  # of the current epoch, stepped
         while not self._done():
             if self.unfreeze_at is not None and not self.unfrozen and self.epoch >= self.unfreeze_at:
                 self._unfreeze(f"finetune.unfreeze_after_epochs={self.unfreeze_at}, epoch {self.epoch} begins")
                 self._rebuild_ddp()
-            self.sampler.set_epoch(self.epoch, start=self.epoch_start)
-            self.loader.generator.manual_seed(  # type: ignore[union-attr]
-                data_mod.derive_seed(seed, self.info.rank, self.epoch))
+            n_batches = self._begin_epoch()
             batches = 0
-            n_batches = len(self.loader)
-            micro, group = 0, 1
-            step_loss = torch.zeros((), device=self.device)  # the current step's loss (mean over its micro-batches)
-            for batch in self._timed(self.loader):
-                if micro == 0:  # a new accumulation group: as many micro-batches as remain, up to accum
-                    group = min(self.accum, n_batches - batches)
-                    if group > 1:
-                        step_loss = torch.zeros((), device=self.device)
-                micro += 1
-                batches += 1
-                if group == 1:
-                    step_loss = self.micro_step(batch, 1.0, sync=True)
-                else:
-                    step_loss += self.micro_step(batch, 1.0 / group, sync=micro == group) / group
-                if micro < group:
-                    continue
-                micro = 0
-                # Under SLURM or NCCL the ranks meet on the CPU side group after every backward, before anything
-                # makes the host wait for the GPU (the optimizer step's scaler check, the log step's loss): a rank
-                # that stopped answering then times out here, where the report can name it (dist.agree_every_step).
-                agreed_stop = self.stop_every_step and dist.any_rank(dist.STOP.requested)
-                self.optimizer_step(self.measure_norm and (self.step + 1) % every == 0)
-                running += step_loss
-                if self.step == start_step:
-                    self.progress.event("first_step", step=self.step + 1)
-                n_running += 1
-                self.step += 1
-                self.progress.tick(self.step)
-                save_now = self.ckpt.due(self.step)
-                if self.step % every == 0 or self._done() or batches == n_batches:
-                    timed, stop = self._record(running / n_running)  # the stop flag rides on the loss all-reduce
-                    stop = (stop or agreed_stop) and not self._done()  # a run at its last step ends normally
-                    save_now |= timed
-                    running.zero_()
-                    n_running = 0
-                else:  # a step that logs nothing stops only on what the side group agreed (SLURM, NCCL)
-                    stop = agreed_stop
-                if stop:
+            for group in grouped(self._timed(self.loader), n_batches, self.accum):
+                step_loss, agreed_stop = self.train_step(group)
+                batches += group.size
+                timed, asked_stop = self._log(step_loss, epoch_end=batches == n_batches)
+                if (agreed_stop or asked_stop) and not self._done():  # a run at its last step ends normally
                     self._stop(self.position(batches, n_batches))
                     return
-                metrics = None
-                if self._validation_due(batches, n_batches):
-                    metrics = self.validate()
-                    self.after_validation(metrics)
-                    save_now |= self.ckpt.keep_best > 0
-                if save_now:
-                    self._save(self.position(batches, n_batches), "validation" if metrics else "interval",
-                               metrics=metrics)
+                metrics = self._validate_if_due(epoch_end=batches == n_batches)
+                self._save_if_due(timed, metrics, batches, n_batches)
                 if self._done():
                     break
-            if batches == 0 and n_batches == 0:
-                raise RuntimeError(
-                    f"rank {self.info.rank} got no batches in epoch {self.epoch}: {len(self.loader.dataset)} samples "
-                    f"over {self.info.world_size} ranks at batch size {self.cfg.data.batch_size}"
-                    f"{' with drop_last' if self.cfg.data.drop_last else ''}")
             if batches == n_batches:  # the epoch ran to its end
                 self.epoch += 1
                 self.epoch_start = 0
-                batches, n_batches = 0, 1
+                batches = 0
         elapsed = time.perf_counter() - t0
         log.info("training done: %d steps, %d epochs in %.1f s", self.step, self.epoch, elapsed)
         if self.compile_options is not None:
@@ -494,10 +490,72 @@ class Trainer:
             log.info("torch.compile: %d graphs compiled, %d graph breaks", counters["stats"]["unique_graphs"],
                      sum(counters["graph_break"].values()))
         if self.ckpt.at_end:
-            self._save(self.position(batches, n_batches), "end of training", final=True)
+            self._save(self.position(batches), "end of training", final=True)
         self.ckpt.wait()
         self.progress.event("train_end", step=self.step, epoch=self.epoch)
         self.progress.close()
+
+    def _begin_epoch(self) -> int:
+        """Position the sampler and seed the loader for `self.epoch`; returns this rank's number of batches in it."""
+        self.sampler.set_epoch(self.epoch, start=self.epoch_start)
+        self.loader.generator.manual_seed(  # type: ignore[union-attr]
+            data_mod.derive_seed(int(self.cfg.seed), self.info.rank, self.epoch))
+        n_batches = len(self.loader)
+        if n_batches == 0:
+            raise RuntimeError(
+                f"rank {self.info.rank} got no batches in epoch {self.epoch}: {len(self.loader.dataset)} samples "
+                f"over {self.info.world_size} ranks at batch size {self.cfg.data.batch_size}"
+                f"{' with drop_last' if self.cfg.data.drop_last else ''}")
+        return n_batches
+
+    def train_step(self, group: Group) -> tuple[torch.Tensor, bool]:
+        """One optimizer step on an accumulation group: each micro-batch's loss counts 1/size of the step's, and
+        the gradients are all-reduced on the last one. Returns the step's loss (a device tensor, read only at log
+        steps) and whether every rank agreed to stop (on the side group, when `stop_every_step`)."""
+        losses = [self.micro_step(batch, 1.0 / group.size, sync=i == group.size)
+                  for i, batch in enumerate(group.micro_batches, 1)]
+        step_loss = losses[0]
+        if group.size > 1:  # the mean over the micro-batches
+            step_loss = torch.zeros((), device=self.device)
+            for loss in losses:
+                step_loss += loss / group.size
+        # Under SLURM or NCCL the ranks meet on the CPU side group after every backward, before anything makes the
+        # host wait for the GPU (the optimizer step's scaler check, the log step's loss): a rank that stopped
+        # answering then times out here, where the report can name it (dist.agree_every_step).
+        agreed_stop = self.stop_every_step and dist.any_rank(dist.STOP.requested)
+        self.optimizer_step(self.measure_norm and (self.step + 1) % self.log_every == 0)
+        if self.step == self._start_step:
+            self.progress.event("first_step", step=self.step + 1)
+        self.step += 1
+        self.progress.tick(self.step)
+        return step_loss, agreed_stop
+
+    def _log(self, step_loss: torch.Tensor, epoch_end: bool) -> tuple[bool, bool]:
+        """Add the step's loss to those since the last log step; at a log step record their mean over ranks.
+        Returns what that step's all-reduce agreed: (a timed checkpoint is due, a rank was asked to stop)."""
+        self._loss_sum += step_loss
+        self._loss_steps += 1
+        if not log_due(self.step, self.log_every, self._done(), epoch_end):
+            return False, False  # a step that logs nothing stops only on what the side group agreed (SLURM, NCCL)
+        due = self._record(self._loss_sum / self._loss_steps)
+        self._loss_sum.zero_()
+        self._loss_steps = 0
+        return due
+
+    def _validate_if_due(self, epoch_end: bool) -> dict[str, float] | None:
+        """Validate when trainer.val_every_steps or val_every_epochs says so; the metrics, or None."""
+        if self.val_loader is None or not validation_due(self.step, self.epoch, epoch_end, self.val_every_steps,
+                                                         self.val_every_epochs):
+            return None
+        metrics = self.validate()
+        self.after_validation(metrics)
+        return metrics
+
+    def _save_if_due(self, timed: bool, metrics: dict[str, float] | None, batches: int, n_batches: int) -> None:
+        """Checkpoint at checkpoint.every_steps, when the log step found a timed one due, and after a validation
+        when checkpoint.keep_best ranks checkpoints by its metrics."""
+        if self.ckpt.due(self.step) or timed or (metrics is not None and self.ckpt.keep_best > 0):
+            self._save(self.position(batches, n_batches), "validation" if metrics else "interval", metrics=metrics)
 
     def _stop(self, pos: Position) -> None:
         """Every rank agreed to stop (a preemption signal): write one committed checkpoint, leave a marker."""
