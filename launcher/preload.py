@@ -18,6 +18,12 @@ for _signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
     signal.signal(_signum, signal.SIG_IGN)
 
 import importlib.util  # noqa: E402
+import os  # noqa: E402
+
+# Should an import ask whether CUDA is there, NVML answers (it does not initialise the CUDA driver, after which a
+# forked rank could not use CUDA); only for the imports: the ranks get torch's usual check.
+_nvml = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
 
 import torch  # noqa: E402,F401  the point of the fork server: imported once per node, not once per rank
 import torch._dynamo  # noqa: E402,F401  what torch.optim imports on the first optimizer built (0.4 s)
@@ -26,3 +32,8 @@ from . import trainer, worker  # noqa: E402,F401
 
 if importlib.util.find_spec("tensorboard") is not None:  # rank 0 writes TensorBoard files by default
     from torch.utils import tensorboard  # noqa: F401
+
+if _nvml is None:
+    del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+else:
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = _nvml

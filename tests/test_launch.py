@@ -192,6 +192,29 @@ def test_ranks_start_as_fresh_interpreters_would_forked_or_not(tmp_path, preload
         assert (rank["parent"] != rank["agent"]) is preload, rank
 
 
+def test_the_fork_servers_imports_never_ask_cuda():
+    """Every rank is forked from the server: had its imports called into CUDA (is_available, device_count, ...),
+    a forked rank could not use the GPU. Each torch.cuda entry point is recorded while the preload runs."""
+    code = """if True:
+    import torch, torch.cuda
+    calls = []
+    def recorder(name, original):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return call
+    for name in ("is_available", "device_count", "is_initialized", "init", "_lazy_init", "current_device",
+                 "get_device_capability", "get_device_properties", "set_device", "synchronize"):
+        setattr(torch.cuda, name, recorder(name, getattr(torch.cuda, name)))
+    import launcher.preload
+    import os
+    print(calls, os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=launch_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[]", "None"], r.stdout
+
+
 def test_the_fork_server_keeps_the_signal_mask_that_its_ranks_inherit(tmp_path):
     """Under SLURM the node task blocks SIGTERM and SIGUSR2 before any worker exists, and every rank must start with
     both blocked (dist.StopRequest tells SLURM's SIGTERM from the agent's). Starting the fork server must neither
