@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from launcher import procs  # noqa: E402
+
 LAUNCH = str(Path(sys.executable).parent / "launch")
 RECIPE = """\
 seed: 0
@@ -56,11 +59,8 @@ def last_step(run_dir: Path) -> int:
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = procs.stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def once(tmp: Path, num_workers: int, fresh: bool) -> dict[str, float]:

@@ -14,6 +14,8 @@ from pathlib import Path
 from conftest import LAUNCH, launch_env, require, run_launch
 from s3 import free_port
 
+from launcher import procs
+
 RECIPE = """\
 seed: 3
 model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4}
@@ -161,8 +163,8 @@ def test_killing_launch_takes_its_workers_down(tmp_path):
         time.sleep(0.2)
         pids = [int(m) for k in (0, 1) if (run_dir / "logs" / f"rank{k}.log").exists()
                 for m in re.findall(r"worker start: .* pid (\d+)", (run_dir / "logs" / f"rank{k}.log").read_text())]
-    server = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"multiprocessing.forkserver"
-              in _read(p / "cmdline") and _read(p / "stat").rsplit(b")", 1)[-1].split()[1:2] == [b"%d" % proc.pid]]
+    server = [pid for pid in procs.children_by_parent().get(proc.pid, [])
+              if b"multiprocessing.forkserver" in _read(Path(f"/proc/{pid}/cmdline"))]
     assert server, "no fork server found for this run (launch.preload_workers is on by default)"
     pids += server
     proc.kill()
@@ -171,8 +173,7 @@ def test_killing_launch_takes_its_workers_down(tmp_path):
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in
-                 Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+        alive = [p for p in pids if (procs.stat_fields(p) or ["Z"])[0] != "Z"]
     assert not alive, f"workers (or their fork server) {alive} outlived the launch process (fork server: {server})"
 
 

@@ -4,7 +4,7 @@
     scripts/gpu-check.sh [WHEEL_DIR]      # on a CUDA machine without network: installs, runs these, prints a table
 
 Marked `gpu` and deselected by default (CI has no GPU, and under CI nothing may skip). On a machine without CUDA
-every test here fails at once saying so. Tests that need two GPUs skip on a one-GPU machine, saying why. Each test
+every test here fails at once saying so. Tests that need two GPUs skip on a one-GPU machine, saying why (conftest.require: under CI=true they fail). Each test
 records a row (check, result, figure) in $LAUNCHER_GPU_TABLE when set (scripts/gpu-check.sh prints them).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, checkpoint_params, launch_env, run_launch
+from conftest import ROOT, checkpoint_params, launch_env, require, run_launch
 
 pytestmark = pytest.mark.gpu
 
@@ -52,8 +52,7 @@ def _a_gpu_is_there() -> None:
 
 def need(n: int) -> None:
     have = gpus()
-    if have < n:
-        pytest.skip(f"needs {n} GPUs, this machine has {have}")
+    require(have >= n, f"needs {n} GPUs, this machine has {have}")
 
 
 def record(check: str, result: str, figure: str = "") -> None:
@@ -275,8 +274,8 @@ def test_async_save_makes_no_context_on_another_ranks_gpu(tmp_path):
     """2 GPU ranks with async checkpoints every 2 steps: each rank's process has a context on its own GPU only
     (the staging and writer threads run on the rank's device, not on GPU 0)."""
     need(2)
-    if subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
-        pytest.skip("needs nvidia-smi to see which process holds a context on which GPU")
+    require(subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0,
+            "needs nvidia-smi to see which process holds a context on which GPU")
     recipe = RECIPE.replace("dropout: 0.1}", "dropout: 0.1, step_sleep: 0.05}")
     run_dir = tmp_path / "run"
     path = tmp_path / "two.yaml"

@@ -352,8 +352,9 @@ def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = No
         if message and not message.startswith("To enable traceback"):
             out.append(f"    error: {message.strip().splitlines()[-1]}\n")
         out.append(f"    log: {path}\n")
-        lines = _tail(path, tail)
-        note = nccl_watchdog_note(_tail(path, 200), run_dir, rank)
+        recent = _tail(path, 200)
+        lines = recent[-tail:]
+        note = nccl_watchdog_note(recent, run_dir, rank)
         if note:
             out.append(f"    {note}\n")
         if lines:
