@@ -77,7 +77,8 @@ def _parts(tmp: str, ckpt: str, *overrides: str):
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
-    return model, optimizer, scheduler, Checkpointer(_cfg(tmp, ckpt, *overrides), tmp, model, optimizer, scheduler)
+    return model, optimizer, scheduler, Checkpointer(_cfg(tmp, ckpt, *overrides), tmp, model, optimizer,
+                                                    {"scheduler": scheduler})
 
 
 def _train_and_save(rank: int, tmp: str, url: str) -> None:

@@ -12,14 +12,13 @@ broadcasts its choice, so all ranks load the same one.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
 
 import torch
 import torch.distributed as tdist
@@ -29,7 +28,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .. import __version__, dist, faults
-from . import dcp_io, layout, rng
+from . import dcp_io, layout, loading, rng
+from .commit import all_gather, broadcast, first_failure, permanent, retain, verify_and_write_manifest
 from .storage import Storage
 
 log = logging.getLogger("launcher")
@@ -55,7 +55,20 @@ class Position:
     step: int = 0
     epoch: int = 0
     sample_offset: int = 0
-    extras: dict = field(default_factory=dict)  # what the trainer stored beside (DDP's bucket layout)
+
+
+class Stateful(Protocol):
+    """What a checkpoint keeps besides the model and optimizer tensors: an object whose state is plain JSON data
+    (the LR scheduler, the gradient scaler, the trainer's own state)."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+# train_state.json's own keys: a state may not take one of these names.
+_TRAIN_STATE_KEYS = ("step", "epoch", "sample_offset", "world_size", "batch_size", "recipe_hash", "launcher_version",
+                     "saved_at", "metrics", "extras")
 
 
 class Checkpointer:
@@ -64,10 +77,14 @@ class Checkpointer:
     `device` is the training device (default: the one `dist.choose_device` picks for `trainer.device`). Every
     CUDA call in checkpointing (pinned staging buffers, events, synchronisation, the CUDA RNG stream, the device
     of the background threads) follows it, not whether CUDA is available: trainer.device=cpu on a GPU host never
-    touches the GPU."""
+    touches the GPU.
+
+    `states` are kept in train_state.json under their names, each as its `state_dict()`; a resume hands each its
+    saved value through `load_state_dict()` in the order given, before the model and optimizer tensors load (so a
+    state may change which parameters train). A state absent from the checkpoint is left as it is."""
 
     def __init__(self, cfg: DictConfig, run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any = None, scaler: Any = None, device: torch.device | None = None) -> None:
+                 states: Mapping[str, Stateful | None] | None = None, device: torch.device | None = None) -> None:
         c = cfg.checkpoint
         self.cfg = cfg
         self.info = dist.rank_info()
@@ -80,10 +97,12 @@ class Checkpointer:
         self.keep_best: int = c.keep_best
         self.monitor, self.mode = str(cfg.trainer.monitor), str(cfg.trainer.monitor_mode)
         self.use_async: bool = c.async_
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.model, self.optimizer = model, optimizer
+        self.states = {name: s for name, s in (states or {}).items() if s is not None}
+        taken = sorted(set(self.states) & set(_TRAIN_STATE_KEYS))
+        if taken:
+            raise ValueError(f"checkpoint states may not be named {', '.join(taken)} (train_state.json's own keys)")
         self.hash = recipe_hash(cfg)
-        self.extras: Callable[[], dict] | None = None  # plain data the trainer keeps in every checkpoint
-        self.before_load: Callable[[dict], None] | None = None  # given a checkpoint's extras before its tensors load
         self.last_step: int | None = None  # step of the newest checkpoint this run committed or resumed from
         self.committed_step: int | None = None  # the same, but only once it is committed
         self.last_time = time.monotonic()
@@ -184,7 +203,7 @@ class Checkpointer:
                 refused = dcp_io.refusal(self.storage, path) if clash else None
             except OSError as e:
                 problem = f"preparing {path} failed: {e}"
-        problem, clash, refused = _broadcast((problem, clash, refused), None)  # every rank learns what rank 0 found
+        problem, clash, refused = broadcast((problem, clash, refused), None)  # every rank learns what rank 0 found
         if problem:
             raise CheckpointError(f"checkpoint {path} was not saved: {problem}; {self._intact()}")
         if refused:
@@ -230,11 +249,11 @@ class Checkpointer:
                 self._commit(name, path, per_rank, train_state, metadata, t0, reason, group=None)
                 return
             except (CheckpointException, CheckpointError) as e:  # raised on every rank together
-                cause = _first_failure(e)
-                permanent = _permanent(e)
-                if attempt == retries or permanent:
+                cause = first_failure(e)
+                lasting = permanent(e)
+                if attempt == retries or lasting:
                     tries = f" after {attempt + 1} tries" if attempt else ""
-                    why = " (not retried: it will not go away by itself)" if permanent and retries else ""
+                    why = " (not retried: it will not go away by itself)" if lasting and retries else ""
                     raise CheckpointError(f"checkpoint {path} was not saved{tries}: {cause}{why}; "
                                           f"{self._intact()}") from e
                 delay = min(2 ** attempt, 30)
@@ -253,17 +272,17 @@ class Checkpointer:
             raise CheckpointError(f"background checkpoint save failed: {err}") from err
 
     def _train_state(self, pos: Position) -> dict[str, Any]:
-        state = {"step": pos.step, "epoch": pos.epoch, "sample_offset": pos.sample_offset,
-                 "world_size": self.info.world_size, "batch_size": int(self.cfg.data.batch_size),
-                 "recipe_hash": self.hash, "launcher_version": __version__, "saved_at": time.time(),
-                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "extras": self.extras() if self.extras is not None else {}}
-        try:
-            json.dumps(state)
-        except TypeError as e:
-            raise CheckpointError(f"the LR scheduler or grad scaler state is not plain data ({e}); the launcher "
-                                  f"stores only JSON next to tensors, so it never has to unpickle on load") from e
+        state: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch, "sample_offset": pos.sample_offset,
+                                 "world_size": self.info.world_size, "batch_size": int(self.cfg.data.batch_size),
+                                 "recipe_hash": self.hash, "launcher_version": __version__, "saved_at": time.time()}
+        for name, obj in self.states.items():
+            value = obj.state_dict()
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"the {name} state is not plain data ({e}); the launcher stores only JSON "
+                                      f"next to tensors, so it never has to unpickle on load") from e
+            state[name] = value
         return state
 
     def _commit(self, name: str, path: str, per_rank: dict, train_state: dict, metadata: Any, t0: float,
@@ -274,11 +293,12 @@ class Checkpointer:
             self.storage.write_text(self.storage.sub(path, layout.rank_file(self.info.rank)), json.dumps(per_rank))
         except OSError as e:
             problem = f"rank {self.info.rank} could not write {layout.rank_file(self.info.rank)}: {e}"
-        reports = _all_gather({"rank": self.info.rank, "problem": problem}, group)
+        reports = all_gather({"rank": self.info.rank, "problem": problem}, group)
         outcome = None
         if self.info.is_main:
-            outcome = self._verify_and_write_manifest(name, path, reports, train_state, metadata)
-        outcome = _broadcast(outcome, group)
+            outcome = verify_and_write_manifest(self.storage, name, path, reports, train_state, metadata,
+                                                self.info.world_size, self.hash)
+        outcome = broadcast(outcome, group)
         if outcome["problem"]:
             raise CheckpointError(f"checkpoint {path} was not committed: {outcome['problem']}")
         log.info("checkpoint %s committed (%s): step %d, %.1f MB in %.2f s", path, reason, train_state["step"],
@@ -286,61 +306,9 @@ class Checkpointer:
         self.committed_step = train_state["step"]
         if self.info.is_main:
             try:
-                self._retain()
+                retain(self.storage, self.keep, self.keep_best, self.monitor, self.mode, self._refused)
             except OSError as e:  # the new checkpoint is committed; old ones stay until a later save
                 log.warning("checkpoint retention: could not remove an old checkpoint: %s", e)
-
-    def _verify_and_write_manifest(self, name: str, path: str, reports: list[dict], train_state: dict,
-                                   metadata: Any) -> dict[str, Any]:
-        bad = [r["problem"] for r in reports if r["problem"]]
-        if bad:
-            return {"problem": "; ".join(bad), "bytes": 0}
-        needed: dict[str, int] = {".metadata": 1}
-        for item in metadata.storage_data.values():  # every shard file, and how far into it data must reach
-            rel = str(item.relative_path)
-            needed[rel] = max(needed.get(rel, 0), int(item.offset) + int(item.length))
-        for r in range(self.info.world_size):
-            needed[layout.rank_file(r)] = 1
-        try:
-            self.storage.write_text(self.storage.sub(path, layout.TRAIN_STATE), json.dumps(train_state))
-            needed[layout.TRAIN_STATE] = 1
-            files = self.storage.list_files(path)
-            for fname, minimum in sorted(needed.items()):
-                if fname not in files:
-                    return {"problem": f"{self.storage.sub(path, fname)} is missing after the write", "bytes": 0}
-                if files[fname] < minimum:
-                    return {"problem": f"{self.storage.sub(path, fname)} has {files[fname]} bytes, its data "
-                                       f"reaches byte {minimum}", "bytes": 0}
-            sizes = {f: files[f] for f in needed}
-            manifest = {"format": layout.FORMAT, "step": train_state["step"], "epoch": train_state["epoch"],
-                        "sample_offset": train_state["sample_offset"], "world_size": self.info.world_size,
-                        "recipe_hash": self.hash, "launcher_version": __version__, "created": time.time(),
-                        "metrics": train_state.get("metrics") or {}, "files": sizes}
-            self.storage.write_text(self.storage.sub(path, layout.MANIFEST), json.dumps(manifest, indent=1))
-        except OSError as e:
-            return {"problem": f"writing {name} failed: {e}", "bytes": 0}
-        return {"problem": None, "bytes": sum(sizes.values())}
-
-    def _retain(self) -> None:
-        """Keep the newest `keep` committed checkpoints; drop older ones and unfinished folders older than them."""
-        if self.keep <= 0:
-            return
-        found = [c for c in layout.scan(self.storage) if c.name not in self._refused]
-        committed = [c for c in found if c.committed]
-        if not committed:
-            return
-        kept = {c.name for c in committed[: self.keep]}
-        if self.keep_best:  # and the k best by the monitored metric, among those that have it
-            scored = [c for c in committed if self.monitor in (c.manifest or {}).get("metrics", {})]
-            scored.sort(key=lambda c: c.manifest["metrics"][self.monitor], reverse=self.mode == "max")  # type: ignore
-            kept |= {c.name for c in scored[: self.keep_best]}
-        newest = committed[0].step
-        for c in found:
-            if c.name in kept or c.step >= newest:
-                continue
-            self.storage.remove_tree(c.path)
-            log.info("checkpoint %s removed (%s)", c.path,
-                     "retention: keep %d" % self.keep if c.committed else "never committed")
 
     # ------------------------------------------------------------------ resume
     def resume(self, mode: str) -> Position | None:
@@ -349,10 +317,11 @@ class Checkpointer:
         choice: dict[str, Any] = {"path": None, "skipped": [], "error": None}
         if self.info.is_main:
             try:
-                choice = self._choose(mode)
+                choice = loading.choose(self.storage, mode)
+                self._refused = set(choice["refused"])
             except OSError as e:  # nothing was chosen, loaded or changed
                 choice["error"] = f"resume: reading the checkpoints in {self.storage.root} failed: {e}"
-        choice = _broadcast(choice, None)
+        choice = broadcast(choice, None)
         for path, problem in choice["skipped"]:
             log.warning("resume: skipped %s: %s", path, problem)
         if choice["error"]:
@@ -363,61 +332,26 @@ class Checkpointer:
             return None
         return self._load(choice["path"], choice["storage_root"])
 
-    def _choose(self, mode: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": None, "skipped": [], "error": None, "storage_root": self.storage.root}
-        newest, _ = layout.newest_committed(self.storage)
-        mixing = (f"{self.storage.root} already has committed checkpoints (newest: step {newest.step}) that this "
-                  f"run would mix with its own; point checkpoint.dir at a new directory (`launch ckpt ls` lists "
-                  f"them), or remove them") if newest is not None else None
-        if mode == "never":
-            out["error"] = f"resume=never: {mixing}" if mixing else None
-            return out
-        if mode == "auto":
-            found, skipped = dcp_io.newest_usable(self.storage)
-            self._refused = {s.name for s in skipped if s.refused}
-            out["skipped"] = [(s.path, s.problem + (f"; the folder is left in place, and a save at step {s.step} "
-                                                    f"will stop with an error until it is moved away"
-                                                    if s.refused else "")) for s in skipped]
-            if found is not None:
-                out["path"] = found.path
-            return out
-        root, _, name = mode.rstrip("/").rpartition("/")
-        storage = Storage(root or ".", self.storage.endpoint_url)
-        try:
-            info = layout.inspect(storage, name)
-        except ValueError:
-            out["error"] = f"resume: {mode} is not a checkpoint folder (step-<N>)"
-            return out
-        problem = dcp_io.unusable(storage, info)
-        if problem:
-            out["error"] = f"resume: {mode} cannot be used: {problem}"
-            return out
-        if storage.root == self.storage.root and newest is not None and newest.step > info.step:
-            out["error"] = (f"resume: {mode} is older than the newest checkpoint beside it (step {newest.step}); "
-                            f"to branch from it, keep resume={mode} and point checkpoint.dir at a new directory, "
-                            f"so no committed checkpoint is overwritten")
-            return out
-        out["path"], out["storage_root"] = info.path, storage.root
-        return out
-
     def _load(self, path: str, storage_root: str) -> Position:
         storage = self.storage if storage_root == self.storage.root else Storage(storage_root,
                                                                                  self.storage.endpoint_url)
         train_state = json.loads(storage.read_text(storage.sub(path, layout.TRAIN_STATE)))
-        if self.before_load is not None:
-            self.before_load(train_state.get("extras") or {})
+        older = train_state.get("extras") or {}  # where checkpoints before states kept the trainer's own
+        for name, obj in self.states.items():
+            value = train_state[name] if name in train_state else older.get(name)
+            if value is not None:
+                obj.load_state_dict(value)
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         meta = dcp_io.metadata(storage, path)
         model_sd = get_model_state_dict(self.model)
-        self._check_shapes(meta, path, model_sd)
-        self._empty_optimizer_state(meta, model_sd)
+        problems = loading.shape_problems(meta, model_sd)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not fit this model (was the recipe's model changed?): "
+                                  + "; ".join(problems))
+        loading.empty_optimizer_state(self.optimizer, meta, model_sd)
         state = {"model": model_sd, "optim": get_optimizer_state_dict(self.model, self.optimizer)}
         dcp.load(state, storage_reader=dcp_io.reader(storage, path), planner=dcp_io.SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        if self.scheduler is not None and train_state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(train_state["scheduler"])
-        if self.scaler is not None and train_state.get("scaler") is not None:
-            self.scaler.load_state_dict(train_state["scaler"])
         saved_world = int(train_state["world_size"])
         if saved_world == self.info.world_size:
             per_rank = json.loads(storage.read_text(storage.sub(path, layout.rank_file(self.info.rank))))
@@ -433,108 +367,8 @@ class Checkpointer:
         if train_state.get("recipe_hash") != self.hash and self.info.is_main:
             log.warning("resume: the recipe's model, data or optimizer settings differ from the ones %s was "
                         "written with (recipe hash %s, now %s)", path, train_state.get("recipe_hash"), self.hash)
-        pos = Position(int(train_state["step"]), int(train_state["epoch"]), int(train_state["sample_offset"]),
-                       train_state.get("extras") or {})
+        pos = Position(int(train_state["step"]), int(train_state["epoch"]), int(train_state["sample_offset"]))
         self.last_step = self.committed_step = pos.step
         log.info("resume: from %s: step %d, epoch %d, sample %d of the epoch", path, pos.step, pos.epoch,
                  pos.sample_offset)
         return pos
-
-    def _empty_optimizer_state(self, meta: Any, model_sd: dict[str, Any]) -> None:
-        """Give an optimizer that has no state yet uninitialised state tensors shaped as the checkpoint's, to load
-        into. Without them DCP makes its own template by running a full optimizer step on zero gradients: a
-        gradient for every parameter and all the optimizer's arithmetic, which took most of a resume on the CPU.
-        A parameter the model's state_dict does not name once (shared, or empty) leaves the job to DCP's way."""
-        if self.optimizer is None or self.optimizer.state:
-            return
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-        saved: dict[str, dict[str, Any]] = {}
-        for key, entry in meta.state_dict_metadata.items():
-            if key.startswith("optim.state."):
-                fqn, _, name = key[len("optim.state."):].rpartition(".")
-                saved.setdefault(fqn, {})[name] = entry
-        fqn_of: dict[int, str | None] = {}
-        for fqn, t in model_sd.items():
-            if isinstance(t, torch.Tensor) and t.numel():
-                fqn_of[t.data_ptr()] = None if t.data_ptr() in fqn_of else fqn
-        state: dict[torch.Tensor, dict[str, Any]] = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                fqn = fqn_of.get(p.data_ptr()) if p.numel() else None
-                if fqn is None:
-                    return
-                entries = {}
-                for name, entry in saved.get(fqn, {}).items():
-                    if not isinstance(entry, TensorStorageMetadata):
-                        entries[name] = 0  # a plain value, replaced by the load
-                    elif len(entry.size) == 0:  # a step count: on the CPU, as optimizers keep it by default
-                        entries[name] = torch.zeros((), dtype=entry.properties.dtype)
-                    else:
-                        entries[name] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device=p.device)
-                if entries:
-                    state[p] = entries
-        self.optimizer.state.update(state)
-
-    def _check_shapes(self, meta: Any, path: str, model_sd: dict[str, torch.Tensor]) -> None:
-        meta = meta.state_dict_metadata
-        problems = []
-        for fqn, tensor in model_sd.items():
-            saved = meta.get(f"model.{fqn}")
-            if saved is None:
-                problems.append(f"parameter '{fqn}' is not in the checkpoint")
-            elif hasattr(saved, "size") and tuple(saved.size) != tuple(tensor.shape):
-                problems.append(f"parameter '{fqn}' has shape {list(saved.size)} in the checkpoint and "
-                                f"{list(tensor.shape)} in the model")
-        extra = sorted(k[len("model."):] for k in meta if k.startswith("model.") and k[len("model."):] not in model_sd)
-        if extra:
-            problems.append(f"the checkpoint has parameters the model lacks: {', '.join(extra[:5])}"
-                            f"{' ...' if len(extra) > 5 else ''}")
-        if problems:
-            raise CheckpointError(f"checkpoint {path} does not fit this model (was the recipe's model changed?): "
-                                  + "; ".join(problems))
-
-
-_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def _failures(e: BaseException) -> list[tuple[int | None, BaseException]]:
-    """(rank, exception) for each rank's failure inside DCP's CheckpointException, else the error itself."""
-    if isinstance(e, CheckpointException):
-        out = []
-        for rank, failure in sorted(e.failures.items()):
-            exc = failure[0] if isinstance(failure, tuple) else failure
-            out.append((rank, exc))
-        return out
-    return [(None, e)]
-
-
-def _first_failure(e: BaseException) -> str:
-    rank, exc = _failures(e)[0]
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"rank {rank}: {type(exc).__name__}: {text}" if rank is not None else text
-
-
-def _permanent(e: BaseException) -> bool:
-    """A failure retrying cannot fix: a full disk, a quota, a refused permission, a read-only file system."""
-    for _, exc in _failures(e):
-        while exc is not None:
-            if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
-                return True
-            exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _all_gather(obj: Any, group: Any) -> list[Any]:
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def _broadcast(obj: Any, group: Any) -> Any:
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0, group=group)
-    return box[0]

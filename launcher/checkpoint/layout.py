@@ -3,7 +3,8 @@
     <checkpoint dir>/step-000000120/
         __0_0.distcp, __1_0.distcp, .metadata     torch.distributed.checkpoint: model + optimizer, one file per rank
         rank0.json, rank1.json                     per-rank state: RNG streams (python, numpy, torch, its GPU's)
-        train_state.json                           step, epoch, global sample offset, scheduler, scaler, recipe hash
+        train_state.json                           step, epoch, global sample offset, recipe hash, and each state
+                                                   as JSON (LR scheduler, grad scaler, the trainer's own)
         manifest.json                              written last, by rank 0, after every file above was verified
 
 A step folder without a valid manifest, or whose files do not match the sizes the manifest lists, does not exist
