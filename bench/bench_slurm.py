@@ -72,7 +72,7 @@ def main() -> None:
     subprocess.run([LAUNCH, "cancel", str(run_dir)], check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     sys.path.insert(0, str(ROOT))
-    from launcher.backends.slurm import wait_state
+    from launcher.backends.slurm_state import wait_state
     settle = 20
     wait_state(job, {"CANCELLED"}, 120, settle_s=settle)  # raises if the job came back
     cancelled = time.time() - settle - t_cancel

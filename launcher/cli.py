@@ -15,11 +15,14 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from . import __version__
+from . import __version__, backends
 from .errors import LauncherError, UsageError
 from .files import write_atomic
+
+if TYPE_CHECKING:
+    from .backends.plan import BackendPlan
 
 HELP_EPILOG = """\
 examples:
@@ -81,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # the reader went away (`launch --explain | head`): no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     if argv is None:
         sys.exit(code)
     return code
@@ -119,8 +125,10 @@ def _main(argv: list[str]) -> int:
     from . import recipe
 
     if args.explain:
-        for key, tp, text in recipe.explain():
-            print(f"{key:28} {tp:16} {text}")
+        rows = recipe.explain()
+        widths = [max(len(row[i]) for row in rows) for i in (0, 1)]
+        for key, tp, text in rows:
+            print(f"{key:{widths[0]}} {tp:{widths[1]}} {text}")
         return 0
 
     defaults: dict = {}
@@ -157,64 +165,22 @@ def _main(argv: list[str]) -> int:
     run_dir = os.path.abspath(args.run_dir or cfg.run.dir or os.path.join("runs", cfg.run.name))
     cfg.run.dir = run_dir
 
-    if cfg.backend == "slurm":
-        return _slurm(args, cfg, run_dir, argv)
+    from .backends.plan import Options
 
-    from .backends import local
-    plan = local.plan(cfg, run_dir, rdzv_endpoint=args.rdzv_endpoint, node_rank=args.node_rank)
-
+    backend = backends.get(cfg.backend)
+    plan = backend.plan(cfg, run_dir, Options(rdzv_endpoint=args.rdzv_endpoint, node_rank=args.node_rank,
+                                              recipe_path=args.recipe or "", emit_sbatch=args.emit_sbatch,
+                                              wait=args.wait))
     if args.dry_run:
-        import yaml
         print("# resolved recipe")
         print(recipe.to_yaml(cfg), end="")
-        print("# process plan (nothing was started)")
-        print(yaml.safe_dump({"plan": plan.to_dict()}, sort_keys=False), end="")
-        for note in plan.notes:
-            print(f"# {note}")
+        print(plan.describe(), end="")
         return 0
 
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     recipe.save(cfg, os.path.join(run_dir, "config.yaml"), extra={"launcher_version": __version__})
     _write_launch_json(run_dir, plan, argv)
-    for note in plan.notes:
-        print(f"launch: {note}", file=sys.stderr)
-    print(f"launch: run {cfg.run.name}: {plan.world_size} process{'es' if plan.world_size != 1 else ''} "
-          f"({plan.nodes} node{'s' if plan.nodes != 1 else ''} x {plan.procs_per_node}), "
-          f"logs in {os.path.join(run_dir, 'logs')}", file=sys.stderr)
-    return local.run(plan)
-
-
-def _slurm(args: argparse.Namespace, cfg: object, run_dir: str, argv: list[str]) -> int:
-    from . import recipe
-    from .backends import slurm
-
-    problem = recipe.script_value_problem("--run-dir", run_dir)
-    if problem:
-        raise UsageError(problem)
-    if args.dry_run:
-        print("# resolved recipe")
-        print(recipe.to_yaml(cfg), end="")  # type: ignore[arg-type]
-        print("# sbatch script that would be submitted (nothing was submitted)")
-        print(recipe.redact(slurm.sbatch_script(cfg, run_dir)))
-        return 0
-    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-    recipe.save(cfg, os.path.join(run_dir, "config.yaml"), extra={"launcher_version": __version__})  # type: ignore
-    _write_launch_json(run_dir, _SlurmPlan(cfg), argv)
-    if args.emit_sbatch:
-        print(slurm.standalone_sbatch(cfg, run_dir, args.recipe or ""))
-        print(f"launch: wrote {os.path.join(run_dir, 'config.yaml')}; the script runs it", file=sys.stderr)
-        return 0
-    return slurm.submit(cfg, run_dir, wait=args.wait)
-
-
-class _SlurmPlan:
-    def __init__(self, cfg: object) -> None:
-        self.cfg = cfg
-
-    def to_dict(self) -> dict:
-        c = self.cfg
-        return {"backend": "slurm", "nodes": c.launch.nodes, "procs_per_node": c.launch.gpus_per_node or 1,  # type: ignore
-                "world_size": c.launch.nodes * (c.launch.gpus_per_node or 1)}  # type: ignore
+    return backend.run(plan)
 
 
 def _status(argv: list[str]) -> int:
@@ -233,13 +199,13 @@ def _cancel(argv: list[str]) -> int:
     return cancel(a.run_dir)
 
 
-def _write_launch_json(run_dir: str, plan: object, argv: list[str]) -> None:
+def _write_launch_json(run_dir: str, plan: BackendPlan, argv: list[str]) -> None:
     import socket
 
     from .recipe import redact
 
     info = {"launcher_version": __version__, "argv": [redact(a) for a in argv], "cwd": os.getcwd(),
-            "host": socket.gethostname(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **plan.to_dict()}  # type: ignore[attr-defined]
+            "host": socket.gethostname(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **plan.to_dict()}
     path = os.path.join(run_dir, "launch.json")
     write_atomic(path, json.dumps(info, indent=2))
 

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import threading
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.plan import DEVICE_ENV
+from .recipe.schema import Device
 
 log = logging.getLogger("launcher")
 
@@ -98,8 +100,8 @@ def decide_device(kind: str, planned: str | None, count_gpus: Callable[[], int],
     host n1") go into the errors. Once the launcher planned a device, processes, backend (NCCL or gloo) and threads
     were sized for it, so auto follows the plan: a torch that sees no GPU fails here rather than training on the
     CPU while the launcher reports GPUs."""
-    if kind not in ("auto", "cuda", "cpu"):
-        raise RuntimeError(f"trainer.device must be auto, cuda or cpu, got {kind!r}")
+    if kind not in typing.get_args(Device):
+        raise RuntimeError(f"trainer.device must be {', '.join(typing.get_args(Device))}, got {kind!r}")
     if planned not in (None, "cuda", "cpu"):
         raise RuntimeError(f"{DEVICE_ENV}={planned!r} is neither cuda nor cpu: it carries the launcher's device "
                            f"decision to the ranks; leave it unset and let `launch` set it")
@@ -270,7 +272,7 @@ class StopRequest:
     def install(self, *signums: int) -> None:
         """Handle `signums` from now on, including any that came earlier: the SLURM node task starts workers with
         these signals blocked (they wait, pending) and leaves $LAUNCHER_STOP_FILE if one came before the worker
-        existed (see backends.slurm.hold_preemption_signal)."""
+        existed (see backends.slurm_node.hold_preemption_signal)."""
         for s in signums:
             signal.signal(s, self._handle)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
@@ -284,7 +286,7 @@ class StopRequest:
         ranks when one failed) still goes to the SIGTERM handler in place and unwinds the worker.
 
         A Python handler cannot tell who sent a signal, a thread in sigwaitinfo can: the SLURM node task starts
-        workers with SIGTERM blocked (backends.slurm.hold_preemption_signal) and it stays blocked. Processes this
+        workers with SIGTERM blocked (backends.slurm_node.hold_preemption_signal) and it stays blocked. Processes this
         one forks (DataLoader workers) end on their parent's SIGTERM, as torch's own handler makes them, and
         ignore SLURM's, so none dies before the emergency checkpoint. Only the built-in trainer acts on a stop
         request ($LAUNCHER_STOP_ON_SIGTERM, set by the node task): a plain script keeps SIGTERM as it was.

@@ -33,7 +33,7 @@ def status(run_dir: str) -> int:
     info = _launch_info(run_dir)
     print(f"run:        {os.path.abspath(run_dir)}")
     if info.get("backend") == "slurm" and info.get("job_id"):
-        from .backends.slurm import job_state
+        from .backends.slurm_state import job_state
         print(f"SLURM job:  {info['job_id']}: {job_state(info['job_id'])}")
     else:
         print(f"backend:    {info.get('backend', 'local')} on {info.get('host', '?')}, started {info.get('started_at')}")
@@ -64,8 +64,8 @@ def cancel(run_dir: str) -> int:
     if info.get("backend") != "slurm" or not info.get("job_id"):
         raise UsageError(f"{run_dir} is not a SLURM run; stop a local run with Ctrl-C in its terminal")
     # First the marker: a job that is checkpointing for a preemption reads it before it requeues itself, so the
-    # cancel wins even when scancel comes between the checkpoint and the requeue (backends.slurm._cancelled).
-    from .backends.slurm import CANCEL_MARKER
+    # cancel wins even when scancel comes between the checkpoint and the requeue (backends.slurm_node._cancelled).
+    from .backends.slurm_state import CANCEL_MARKER
     marker = os.path.join(run_dir, CANCEL_MARKER)
     write_atomic(marker, json.dumps({"job_id": str(info["job_id"]), "time": time.time()}))
     r = subprocess.run(["scancel", str(info["job_id"])], capture_output=True, text=True)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from conftest import LAUNCH, ROOT, launch_env, require, run_launch
-from launcher import hardware, recipe
+from launcher import backends, cli, hardware, recipe
 from launcher.backends import local
+from launcher.backends.plan import Options
 from launcher.errors import UsageError
 
 QUICK = str(ROOT / "recipes" / "quickstart.yaml")
@@ -28,7 +31,7 @@ def test_help_lists_flags_and_exit_codes(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--help"], [QUICK, "--dry-run"], [QUICK, "--dry-run", "data.batch_sise=3"],
-                                  ["--explain"]])
+                                  ["--explain"], [QUICK, "--slurm", "--dry-run"]])
 def test_submit_path_does_not_import_torch(argv, tmp_path):
     code = ("import sys\nfrom launcher.cli import main\n"
             "try:\n    main(%r)\nexcept SystemExit:\n    pass\n"
@@ -109,3 +112,44 @@ def test_gpu_count_reads_driver_tree_and_cuda_visible_devices(tmp_path, monkeypa
     assert hardware.visible_gpu_count(str(tmp_path)) == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert hardware.visible_gpu_count(str(tmp_path)) == 0
+
+
+@pytest.mark.parametrize("flags, name", [([], "local"), (["--slurm", "--wait"], "slurm")])
+def test_both_backends_go_through_plan_then_run(flags, name, tmp_path, monkeypatch, capsys):
+    """The command picks the backend by the recipe's `backend` and uses only its interface: plan(cfg, run_dir,
+    options); --dry-run prints plan.describe() after the resolved recipe; otherwise launch.json holds
+    plan.to_dict() and run(plan) gives the exit code."""
+    calls: list = []
+
+    class FakePlan:
+        def to_dict(self) -> dict:
+            return {"backend": name, "from": "the plan"}
+
+        def describe(self) -> str:
+            return "# the plan's own description\n"
+
+    def plan(cfg, run_dir, options):
+        calls.append(("plan", cfg.backend, run_dir, options))
+        return FakePlan()
+
+    def get(backend: str):
+        calls.append(("get", backend))
+        return SimpleNamespace(plan=plan, run=lambda p: calls.append(("run", p)) or 7)
+
+    monkeypatch.setattr(backends, "get", get)
+    run_dir = str(tmp_path / "run")
+    argv = [QUICK, "--rdzv-endpoint", "node1:29500", "--node-rank", "0", "--run-dir", run_dir, *flags]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# resolved recipe\n") and out.endswith("\n# the plan's own description\n"), out
+    assert not os.path.exists(run_dir)
+    expected = Options(rdzv_endpoint="node1:29500", node_rank=0, recipe_path=QUICK, emit_sbatch=False,
+                       wait=name == "slurm")
+    assert calls == [("get", name), ("plan", name, run_dir, expected)]
+
+    calls.clear()
+    assert cli.main(argv) == 7
+    assert [c[0] for c in calls] == ["get", "plan", "run"] and isinstance(calls[2][1], FakePlan)
+    launch = json.loads(Path(run_dir, "launch.json").read_text())
+    assert (launch["backend"], launch["from"]) == (name, "the plan") and launch["launcher_version"]
+    assert Path(run_dir, "config.yaml").exists()

@@ -6,9 +6,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from launcher import imports, recipe
 from launcher.errors import RecipeError, UsageError
+from launcher.recipe import schema
 
 BASE = """\
 seed: 1
@@ -114,7 +117,7 @@ def test_component_without_target(tmp_path):
     ("trainer.max_steps", "is not key=value"),
     ("trainer.max_steps=[1,", "not valid YAML"),
     ("trainer.max_steps.x=1", "'trainer.max_steps' is a int or null, it has no key 'x'"),
-    ("trainer.device=gpu", "trainer.device must be one of auto, cpu, cuda"),
+    ("trainer.device=gpu", "trainer.device must be auto, cuda or cpu, got 'gpu'"),
     ("data.prefetch_factor=2", ""),
 ])
 def test_malformed_overrides(tmp_path, override, expected):
@@ -157,6 +160,69 @@ def test_every_key_has_a_doc():
     assert {k for k, _, _ in rows} >= {"seed", "trainer.max_steps", "trainer.max_epochs", "data.batch_size",
                                          "data.num_workers"}
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+
+
+# Fields with a closed set of values (typed Annotated[str, Literal[...]] in the schema), listed so that one that stops
+# being recognised as such is noticed; the tests below run over every such field the schema has, new ones included.
+CHOICE_KEYS = {"trainer.device", "trainer.precision", "trainer.monitor", "trainer.monitor_mode",
+               "checkpoint.on_save_error", "logging.wandb_mode", "logging.progress", "backend"}
+CHOICES = schema.choice_fields()
+
+
+def with_value(key: str, value) -> str:
+    """BASE with `key` (dotted) set to `value` in the YAML itself."""
+    data = yaml.safe_load(BASE)
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_choice_fields_come_from_the_schema_literals():
+    assert {key for key, _ in CHOICES} >= CHOICE_KEYS
+    assert schema.choices(schema.TrainerSection, "precision") == ("fp32", "bf16", "fp16")
+    assert recipe.choices(schema.LoggingSection, "wandb_mode") == ("online", "offline", "disabled")
+    assert schema.choices(schema.TrainerSection, "max_steps") is None
+    # OmegaConf sees a plain string (2.3 accepts no Literal, 2.4 would check it without file and line): the
+    # allowed values are checked by the recipe's own validation, which names where the value came from
+    bad = {"trainer": {"precision": "fp8"}, "backend": "lsf"}
+    assert OmegaConf.merge(OmegaConf.structured(recipe.Recipe), bad).trainer.precision == "fp8"
+
+
+@pytest.mark.parametrize("key, values", CHOICES)
+def test_a_choice_field_refuses_what_its_literal_does_not_list(tmp_path, key, values):
+    allowed = f"{', '.join(values[:-1])} or {values[-1]}"
+    path = write(tmp_path, BASE)
+    assert problems(path, [f"{key}=bogus"]) == [f"{path}: {key} must be {allowed}, got 'bogus'"]
+    path = write(tmp_path, with_value(key, "bogus"), "in_file.yaml")
+    line = recipe.read_yaml(path)[1][key]
+    assert problems(path) == [f"{path}:{line}: {key} must be {allowed}, got 'bogus'"]
+
+
+def test_a_bad_precision_names_file_line_key_allowed_values_and_what_was_given(tmp_path):
+    path = write(tmp_path, BASE.replace("max_steps: 10", "max_steps: 10\n  precision: fp8"))
+    assert problems(path) == [f"{path}:11: trainer.precision must be fp32, bf16 or fp16, got 'fp8'"]
+
+
+@pytest.mark.parametrize("key, values", CHOICES)
+def test_every_value_a_choice_field_lists_loads(tmp_path, key, values):
+    path = write(tmp_path, BASE)
+    default = OmegaConf.select(recipe.load(path).cfg, key)
+    assert any(v != default for v in values)
+    for value in values:
+        assert OmegaConf.select(recipe.load(path, [f"{key}={value}"]).cfg, key) == value
+        assert OmegaConf.select(recipe.load(write(tmp_path, with_value(key, value), "v.yaml")).cfg, key) == value
+
+
+def test_explain_lists_the_allowed_values_of_each_choice_field():
+    types = {key: tp for key, tp, _ in recipe.explain()}
+    for key, values in CHOICES:
+        assert types[key].removesuffix(" or null").split("|") == list(values), key
+    assert types["trainer.precision"] == "fp32|bf16|fp16"
+    assert types["logging.wandb_mode"] == "online|offline|disabled or null"
+    assert types["resume"] == "str"  # open: auto, never or a path
 
 
 @pytest.mark.parametrize("path", ["torch.nn.CrossEntropyLoss", "torch.optim.AdamW", "launcher.zoo.models.MLP",

@@ -40,7 +40,7 @@ def test_a_secret_given_by_reference_is_written_nowhere_and_still_reaches_the_ra
     dry = run_launch(*args, "--dry-run", cwd=tmp_path, env=env)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert SECRET not in dry.stdout + dry.stderr and PASSWORD not in dry.stdout + dry.stderr
-    assert "token: ${oc.env:FAKE_TOKEN}" in dry.stdout and f"http://alice:***@127.0.0.1:9/data" in dry.stdout
+    assert "token: ${oc.env:FAKE_TOKEN}" in dry.stdout and "http://alice:***@127.0.0.1:9/data" in dry.stdout
 
     r = run_launch(*args, cwd=tmp_path, env=env)
     # TokenDataset raises unless each rank got the secret's value: the ranks resolved the reference themselves

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import json
+
 from conftest import ROOT, run_launch
 from launcher import recipe
-from launcher.backends import slurm
+from launcher.backends import slurm, slurm_node
+from launcher.backends.plan import Options
 from launcher.errors import UsageError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -72,19 +75,41 @@ def test_gpus_are_asked_for_once(tmp_path):
         assert "#SBATCH --gres=nvme:1" in text and "#SBATCH --gpus-per-node=2" in text, text
 
 
-def _env(**kw: str) -> slurm.SlurmEnv:
+def test_the_slurm_plan_is_what_dry_run_prints_and_launch_json_holds(tmp_path):
+    """The command's --dry-run text and launch.json come from slurm.plan(...): describe() and to_dict()."""
+    run_dir = str(tmp_path / "run")
+    flags = ["launch.nodes=2", "launch.gpus_per_node=2", "backend=slurm", "slurm.partition=gpu"]
+    cfg = recipe.load(str(RECIPE), flags).cfg
+    cfg.run.dir = run_dir
+    p = slurm.plan(cfg, run_dir, Options())
+    assert p.to_dict() == {"backend": "slurm", "nodes": 2, "procs_per_node": 2, "world_size": 4}
+    assert p.describe() == ("# sbatch script that would be submitted (nothing was submitted)\n"
+                            + recipe.redact(slurm.sbatch_script(cfg, run_dir)) + "\n")
+    args = [str(RECIPE), "--nodes", "2", "--gpus", "2", "--slurm", "slurm.partition=gpu", "--run-dir", run_dir]
+    r = run_launch(*args, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "# resolved recipe\n" + recipe.to_yaml(cfg) + p.describe()
+    r = run_launch(*args, "--emit-sbatch", cwd=tmp_path)  # writes the run directory, submits nothing
+    assert r.returncode == 0, r.stderr
+    launch = json.loads((Path(run_dir) / "launch.json").read_text())
+    assert {k: launch[k] for k in p.to_dict()} == p.to_dict() and "job_id" not in launch
+    with pytest.raises(UsageError, match="--run-dir holds a newline"):
+        slurm.plan(cfg, str(tmp_path / "a\nrun"), Options())
+
+
+def _env(**kw: str) -> slurm_node.SlurmEnv:
     base = dict(job_id="42", node_id=0, nnodes=2, ntasks_per_node=1, nodelist="n[1-2]", restart_count=0)
     base.update(kw)
-    return slurm.SlurmEnv(**base)  # type: ignore[arg-type]
+    return slurm_node.SlurmEnv(**base)  # type: ignore[arg-type]
 
 
 def test_allocation_mismatch_names_the_numbers():
     cfg = recipe.load(str(RECIPE), ["launch.nodes=2", "launch.gpus_per_node=4"]).cfg
-    slurm.check_allocation(_env(), cfg)
+    slurm_node.check_allocation(_env(), cfg)
     with pytest.raises(UsageError, match=r"the allocation has 3 node\(s\) but the recipe asks for launch.nodes=2"):
-        slurm.check_allocation(_env(nnodes=3), cfg)
+        slurm_node.check_allocation(_env(nnodes=3), cfg)
     with pytest.raises(UsageError, match="SLURM started 4 tasks per node; the launcher needs exactly 1"):
-        slurm.check_allocation(_env(ntasks_per_node=4), cfg)
+        slurm_node.check_allocation(_env(ntasks_per_node=4), cfg)
 
 
 def test_slurm_env_parses_tasks_per_node_forms(monkeypatch):
@@ -96,5 +121,5 @@ def test_slurm_env_parses_tasks_per_node_forms(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x2)")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
-    env = slurm.SlurmEnv.from_environ()
+    env = slurm_node.SlurmEnv.from_environ()
     assert (env.job_id, env.node_id, env.nnodes, env.ntasks_per_node, env.restart_count) == ("7", 1, 2, 1, 0)

@@ -1,9 +1,9 @@
 """The local backend: torchrun's elastic agent (torch.distributed.launcher), in this process.
 
-`plan()` is torch-free (it backs `--dry-run`); `run()` imports torch, starts `nodes x procs_per_node` workers
-(forked from a fork server that imported torch once, `launcher.preload`, or `python -m launcher.worker RUN_DIR`
-with launch.preload_workers=false) and turns a worker failure into a report that names the rank, host, exit code
-or signal and that rank's log file.
+`plan()` is torch-free (it backs `--dry-run`); `run()` says what starts, then `start()` imports torch, starts
+`nodes x procs_per_node` workers (forked from a fork server that imported torch once, `launcher.preload`, or
+`python -m launcher.worker RUN_DIR` with launch.preload_workers=false) and turns a worker failure into a report
+that names the rank, host, exit code or signal and that rank's log file.
 """
 
 from __future__ import annotations
@@ -22,19 +22,21 @@ from .. import hardware
 from ..errors import UsageError
 from ..monitor import log_path
 from . import rendezvous
-from .plan import DEVICE_ENV, Plan
+from .plan import DEVICE_ENV, Options, Plan
 
 log = logging.getLogger("launcher")
 
 
-def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank: int | None = None,
-         run_id: str | None = None, gpus: int | None = None) -> Plan:
+def plan(cfg: Any, run_dir: str, options: Options | None = None, *, run_id: str | None = None,
+         gpus: int | None = None) -> Plan:
     """Decide devices and process counts for this node; raise UsageError when the machine cannot do it.
 
     One node: a private c10d rendezvous on a free local port. Several nodes: every node runs `launch` with the same
-    `rdzv_endpoint` (HOST:PORT of one of them); node ranks come from the c10d rendezvous, or are fixed by
-    `node_rank` (a static rendezvous, as torchrun's --node-rank). `gpus` is the number of visible GPUs (found on
-    this machine when not given)."""
+    `options.rdzv_endpoint` (HOST:PORT of one of them); node ranks come from the c10d rendezvous, or are fixed by
+    `options.node_rank` (a static rendezvous, as torchrun's --node-rank). `gpus` is the number of visible GPUs
+    (found on this machine when not given)."""
+    options = options or Options()
+    rdzv_endpoint, node_rank = options.rdzv_endpoint, options.node_rank
     launch = cfg.launch
     if launch.nodes > 1 and not rdzv_endpoint:
         raise UsageError(f"--nodes {launch.nodes} needs a rendezvous every node can reach: run the same command on "
@@ -92,6 +94,7 @@ def plan(cfg: Any, run_dir: str, *, rdzv_endpoint: str | None = None, node_rank:
         preload_workers=bool(launch.preload_workers),
         env=env,
         notes=notes,
+        name=str(cfg.run.name),
     )
 
 
@@ -122,7 +125,18 @@ def rdzv_timeout_default(nodes: int) -> int:
 
 
 def run(p: Plan) -> int:
-    """Start the workers of this node and wait; returns the exit code for `launch`."""
+    """`launch`'s start of a local run: say what starts and where its logs go, then `start` it."""
+    for note in p.notes:
+        print(f"launch: {note}", file=sys.stderr)
+    print(f"launch: run {p.name}: {p.world_size} process{'es' if p.world_size != 1 else ''} "
+          f"({p.nodes} node{'s' if p.nodes != 1 else ''} x {p.procs_per_node}), "
+          f"logs in {os.path.join(p.run_dir, 'logs')}", file=sys.stderr)
+    return start(p)
+
+
+def start(p: Plan) -> int:
+    """Start the workers of this node and wait; returns the exit code for `launch` (each SLURM node task calls
+    this directly)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -233,7 +247,7 @@ def _start_fork_server(run_dir: str) -> tuple[Any, list[Any]]:
 
     multiprocessing.set_forkserver_preload(["launcher.preload"])
     # The ranks inherit the server's signal mask (under SLURM SIGTERM and SIGUSR2 stay blocked from the start, see
-    # slurm.hold_preemption_signal). multiprocessing starts its resource tracker first and then unblocks SIGINT and
+    # slurm_node.hold_preemption_signal). multiprocessing starts its resource tracker first and then unblocks SIGINT and
     # SIGTERM in the calling thread: start the tracker alone, put the mask back, then start the server.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     resource_tracker.ensure_running()
@@ -358,7 +372,7 @@ def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = No
         if note:
             out.append(f"    {note}\n")
         if lines:
-            out.append(f"    last lines of the log:\n")
+            out.append("    last lines of the log:\n")
             out.extend(f"      | {line}\n" for line in lines)
     return "".join(out)
 

@@ -1,40 +1,78 @@
-"""The SLURM backend: a job through submitit with one task per node; each task runs the local backend (torchrun's
-agent) with a static rendezvous at the allocation's first node and its node rank from SLURM_NODEID.
+"""The SLURM backend, the login node's side: a job through submitit with one task per node; each task runs the
+local backend (torchrun's agent) inside the job (`backends.slurm_node`).
 
     launch recipe.yaml --nodes 2 --gpus 8 --slurm            # submit (prints job id, logs, follow/cancel commands)
     launch recipe.yaml --nodes 2 --gpus 8 --slurm --dry-run  # the sbatch script that would be submitted
     launch recipe.yaml --nodes 2 --gpus 8 --emit-sbatch      # a standalone sbatch script (srun + torchrun)
     python -m launcher.backends.slurm RUN_DIR                # what each node's task runs (inside an allocation)
 
-Preemption and time limits: SLURM sends SIGUSR2 `slurm.signal_grace_s` before the end to every process of the job
-(a preemption without a user signal sends SIGTERM instead; the node tasks and workers take both as a stop request).
-Workers agree on it at the next step boundary, write one committed checkpoint and leave `preempted.json`; the first
-node's task then requeues the job (at most `slurm.max_requeues` times, never once it is cancelled) and the requeued
-job resumes by itself. The batch shell survives a signal that reaches it too and passes it on (see `relay_signals`).
+`plan(cfg, run_dir, options)` then `run(plan)`, as every backend. The batch script's shell survives a preemption
+signal that reaches it and passes it on to the node tasks (see `relay_signals`); how the tasks take it, checkpoint
+and requeue the job is `backends.slurm_node`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import procs, recipe
+from .. import recipe
 from ..errors import LauncherError, UsageError
 from ..files import write_atomic
-from . import local, nodelist
+from . import slurm_node
+from .plan import Options
+from .slurm_node import NodeTask  # submitit's pickles of earlier submissions name launcher.backends.slurm.NodeTask
+from .slurm_state import CANCEL_MARKER, FINAL, job_state, wait_state  # noqa: F401 (launch status/cancel, bench)
 
 SUBMIT_DIR = "slurm"  # under the run directory: submitit's pickles and the tasks' stdout/stderr
 
 
-# ----------------------------------------------------------------------------------------------- submit side
+# ----------------------------------------------------------------------------------------------- the interface
+
+@dataclass
+class SlurmPlan:
+    """A job to submit (or, with `options.emit_sbatch`, a standalone sbatch script to print). Its sbatch parameters,
+    which ask sinfo about the partition, are worked out only when a script is written or submitted."""
+
+    cfg: Any
+    run_dir: str
+    options: Options
+
+    def to_dict(self) -> dict[str, Any]:
+        procs = self.cfg.launch.gpus_per_node or 1
+        return {"backend": "slurm", "nodes": self.cfg.launch.nodes, "procs_per_node": procs,
+                "world_size": self.cfg.launch.nodes * procs}
+
+    def describe(self) -> str:
+        return ("# sbatch script that would be submitted (nothing was submitted)\n"
+                + recipe.redact(sbatch_script(self.cfg, self.run_dir)) + "\n")
+
+
+def plan(cfg: Any, run_dir: str, options: Options | None = None) -> SlurmPlan:
+    """The job for this recipe; UsageError when the run directory cannot go into the job's command line."""
+    problem = recipe.script_value_problem("--run-dir", run_dir)
+    if problem:
+        raise UsageError(problem)
+    return SlurmPlan(cfg, run_dir, options or Options())
+
+
+def run(p: SlurmPlan) -> int:
+    """Submit the job (and with `options.wait` wait for its end), or print the standalone script."""
+    if p.options.emit_sbatch:
+        print(standalone_sbatch(p.cfg, p.run_dir, p.options.recipe_path))
+        print(f"launch: wrote {os.path.join(p.run_dir, 'config.yaml')}; the script runs it", file=sys.stderr)
+        return 0
+    return submit(p.cfg, p.run_dir, wait=p.options.wait)
+
+
+# ----------------------------------------------------------------------------------------------- sbatch
 
 def _sbatch_parameters(cfg: Any) -> dict[str, Any]:
     """The recipe's slurm section as submitit SlurmExecutor parameters (one table, neutral names -> sbatch)."""
@@ -115,7 +153,7 @@ def _gpus_per_node(cfg: Any) -> int | None:
 
 # SLURM may signal a task at any moment, even while its interpreter starts. Each node's task therefore starts
 # through this stub, which blocks SIGUSR2 and SIGTERM and execs the real interpreter: the mask survives exec, so a
-# signal waits (pending) until the node task takes it (see hold_preemption_signal) instead of killing the task.
+# signal waits (pending) until the node task takes it (slurm_node.hold_preemption_signal) instead of killing it.
 _HOLD_SIGNALS = ("import os,signal,sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM}); "
                  "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
@@ -159,10 +197,21 @@ def _with_relay(script: str) -> str:
     return "\n".join(lines[:at[0]] + relay_signals(srun) + lines[at[0] + 1:])
 
 
-def _executor(cfg: Any, run_dir: str) -> Any:
+@functools.cache
+def _executor_class() -> type:
     import submitit
 
-    class Executor(submitit.SlurmExecutor):
+    class LauncherExecutor(submitit.SlurmExecutor):
+        """submitit's SlurmExecutor with the launcher's batch script: its srun line run through `_with_relay`.
+
+        The only place that touches submitit's private `_make_submission_file_text` (and `_submitit_command_str`):
+        submitit has no public way to wrap the srun line (`setup`, `teardown` and `srun_args` only add lines
+        before or after it, or arguments to it), and the relay needs srun in the background between a trap and a
+        wait. `submit` writes the script through the override, `script()` gives --dry-run the same text.
+        tests/golden/sbatch_dry_run.txt holds the whole script and test_slurm_submit.py::
+        test_dry_run_prints_the_sbatch_script_and_submits_nothing compares it in full, so a submitit release that
+        writes it differently fails there first (constraints.txt pins the tested submitit)."""
+
         @classmethod
         def affinity(cls) -> int:  # submitit refuses to be built where srun is missing: --dry-run on a laptop
             return 2
@@ -170,16 +219,23 @@ def _executor(cfg: Any, run_dir: str) -> Any:
         def _make_submission_file_text(self, command: str, uid: str) -> str:
             return _with_relay(super()._make_submission_file_text(command, uid))
 
-    ex = Executor(folder=os.path.join(run_dir, SUBMIT_DIR, "%j"),
-                  max_num_timeout=int(cfg.slurm.max_requeues), python=held_python())
+        def script(self) -> str:
+            """The batch script a submit hands to sbatch."""
+            return self._make_submission_file_text(self._submitit_command_str, "dry-run")
+
+    return LauncherExecutor
+
+
+def _executor(cfg: Any, run_dir: str) -> Any:
+    ex = _executor_class()(folder=os.path.join(run_dir, SUBMIT_DIR, "%j"),
+                           max_num_timeout=int(cfg.slurm.max_requeues), python=held_python())
     ex.update_parameters(**_sbatch_parameters(cfg))
     return ex
 
 
 def sbatch_script(cfg: Any, run_dir: str) -> str:
     """Exactly the sbatch script `submit` hands to sbatch (submitit writes the same text)."""
-    ex = _executor(cfg, run_dir)
-    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+    return _executor(cfg, run_dir).script()
 
 
 def standalone_sbatch(cfg: Any, run_dir: str, recipe_path: str) -> str:
@@ -209,6 +265,8 @@ def standalone_sbatch(cfg: Any, run_dir: str, recipe_path: str) -> str:
                            f"launcher.backends.slurm {shlex.quote(run_dir)}") + [""]
     return "\n".join(lines)
 
+
+# ----------------------------------------------------------------------------------------------- submit, follow
 
 def submit(cfg: Any, run_dir: str, wait: bool = False) -> int:
     """Submit the job; print its id, logs and the commands to follow and cancel it."""
@@ -247,241 +305,11 @@ def _update_launch_json(run_dir: str, info: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2))
 
 
-def job_state(job_id: str) -> str:
-    """The job's state: squeue while it is known there, else sacct; UNKNOWN when neither answers."""
-    r = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
-    if r.returncode == 0 and r.stdout.strip():
-        return r.stdout.strip().splitlines()[0]
-    r = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], capture_output=True, text=True)
-    if r.returncode == 0 and r.stdout.strip():
-        return r.stdout.strip().splitlines()[-1].split()[0]
-    return "UNKNOWN"
-
-
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED"}
-
-
-def wait_state(job_id: str, wanted: set[str], timeout_s: float, settle_s: float = 10) -> str:
-    """The first state in `wanted` that holds for `settle_s`: while a job requeues itself, SLURM can report the
-    ending allocation (FAILED, CANCELLED) for a moment before the job is pending again."""
-    deadline = time.time() + timeout_s
-    seen: tuple[str, float] | None = None
-    while time.time() < deadline:
-        state = job_state(job_id)
-        if state in wanted:
-            if seen is None or seen[0] != state:
-                seen = (state, time.time())
-            if time.time() - seen[1] >= settle_s:
-                return state
-        else:
-            seen = None
-        time.sleep(1)
-    raise LauncherError(f"SLURM job {job_id} is still {job_state(job_id)} after {timeout_s:.0f} s; it keeps running")
-
-
 def wait_for(job_id: str, run_dir: str, timeout_s: float = 3600) -> int:
     state = wait_state(job_id, FINAL, timeout_s)
     print(f"launch: SLURM job {job_id} ended: {state}", file=sys.stderr)
     return 0 if state == "COMPLETED" else 1
 
 
-# ----------------------------------------------------------------------------------------------- inside the job
-
-@dataclass
-class SlurmEnv:
-    job_id: str
-    node_id: int
-    nnodes: int
-    ntasks_per_node: int
-    nodelist: str
-    restart_count: int
-
-    @classmethod
-    def from_environ(cls) -> "SlurmEnv":
-        env = os.environ
-        if "SLURM_JOB_ID" not in env:
-            raise LauncherError("not inside a SLURM allocation (SLURM_JOB_ID is not set)")
-        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
-        return cls(job_id=env["SLURM_JOB_ID"], node_id=int(env.get("SLURM_NODEID", "0")),
-                   nnodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES", "1")),
-                   ntasks_per_node=int(per_node.split("(")[0].split(",")[0]),
-                   nodelist=env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""),
-                   restart_count=int(env.get("SLURM_RESTART_COUNT", "0")))
-
-
-def check_allocation(env: SlurmEnv, cfg: Any) -> None:
-    """Fail fast, naming the numbers, when the allocation does not match the recipe."""
-    problems = []
-    if env.nnodes != cfg.launch.nodes:
-        problems.append(f"the allocation has {env.nnodes} node(s) but the recipe asks for launch.nodes="
-                        f"{cfg.launch.nodes}")
-    if env.ntasks_per_node != 1:
-        problems.append(f"SLURM started {env.ntasks_per_node} tasks per node; the launcher needs exactly 1 "
-                        f"(--ntasks-per-node=1): each node's task starts its {cfg.launch.gpus_per_node or 1} "
-                        f"processes itself")
-    if problems:
-        raise UsageError("; ".join(problems))
-
-
-def _forward_to_children(signum: int) -> None:
-    """Pass a signal on to this process's workers, in case SLURM signalled only the task: its children, and the
-    children of its fork server (launch.preload_workers) instead of the server itself, which ignores it."""
-    me = os.getpid()
-    children = procs.children_by_parent()
-    workers: list[int] = []
-    for pid in children.get(me, []):
-        workers += children.get(pid, []) if _is_fork_server(pid) else [pid]
-    for pid in workers:
-        try:
-            os.kill(pid, signum)
-        except OSError:
-            pass
-
-
-def _is_fork_server(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"multiprocessing.forkserver" in f.read()
-    except OSError:
-        return False
-
-
-_REQUEUED = threading.Event()  # set just before this task requeues the job: SLURM's SIGTERM is then the expected end
-_STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}
-
-
-def hold_preemption_signal(run_dir: str, env: SlurmEnv) -> None:
-    """Take SIGUSR2 and SIGTERM for this node's task and its workers, however early they come.
-
-    By default both kill, and a worker needs a few seconds (importing torch) before its handler is in place.
-    So the signals are blocked here (and by the stub that started this task), before any worker exists: a blocked
-    signal stays pending across fork and exec; each worker unblocks SIGUSR2 once its handler is installed
-    (`dist.StopRequest.install`) and takes SIGTERM in a thread that tells SLURM's from the agent's
-    (`dist.StopRequest.take_slurm_sigterm`). A thread of this task receives the signals meant for it: SIGTERM
-    comes from SLURM (a preemption without a user signal, scancel), as nothing in the job sends it to this task;
-    either asks for a stop. It leaves a file that workers started later read (the signal came before they existed),
-    then passes SIGUSR2 on to the workers in case SLURM signalled only this task (its SIGTERM reaches every process
-    of the step). torch's agent never sees SIGTERM, so it does not tear the workers down before they checkpoint.
-    """
-    stop_file = os.path.join(run_dir, "slurm", f"stop-requested-{env.job_id}-{env.restart_count}")
-    os.environ["LAUNCHER_STOP_FILE"] = stop_file  # read by dist.StopRequest.install
-    os.environ["LAUNCHER_PREEMPTIBLE"] = "1"
-
-    def on_signal(signum: int) -> None:
-        if signum == signal.SIGTERM and _REQUEUED.is_set():
-            _cancel_again_if_asked(env.job_id, run_dir)
-            os._exit(0)  # SLURM ends this allocation once the requeue is accepted: the expected end, not a failure
-        print(f"launch: received {signal.Signals(signum).name}: the workers checkpoint and stop", flush=True)
-        os.makedirs(os.path.dirname(stop_file), exist_ok=True)
-        with open(stop_file, "a"):
-            pass
-        if signum == signal.SIGUSR2:  # SLURM's SIGTERM reaches every process of the step itself
-            _forward_to_children(signum)
-
-    def receive() -> None:
-        while True:
-            on_signal(signal.sigwait(_STOP_SIGNALS))
-
-    # The handlers replace submitit's instant requeue (SIGUSR2) and its bypass (SIGTERM); they run only if a thread
-    # started before this one takes a signal.
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, lambda s, f: on_signal(s))
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # threads started from here on inherit the mask
-    threading.Thread(target=receive, name="launcher-preemption-signal", daemon=True).start()
-
-
-def node_main(run_dir: str) -> int:
-    """One node's task: rendezvous at the first node, run this node's processes, requeue after preemption."""
-    env = SlurmEnv.from_environ()
-    hold_preemption_signal(run_dir, env)
-    cfg = recipe.load_resolved(os.path.join(run_dir, "config.yaml"))
-    if not (cfg.script.path or cfg.script.module):  # the built-in trainer checkpoints on SLURM's SIGTERM too
-        os.environ["LAUNCHER_STOP_ON_SIGTERM"] = "1"  # read by dist.StopRequest.take_slurm_sigterm
-    check_allocation(env, cfg)
-    hosts = nodelist.hostnames(env.nodelist)
-    head, port = hosts[0], nodelist.port_for_job(env.job_id)
-    plan = local.plan(cfg, run_dir, rdzv_endpoint=f"{head}:{port}", node_rank=env.node_id,
-                      run_id=f"slurm-{env.job_id}")
-    print(f"launch: SLURM job {env.job_id} node {env.node_id}/{env.nnodes} ({hosts[env.node_id]}), rendezvous "
-          f"{head}:{port}, {plan.procs_per_node} processes, restart {env.restart_count}", flush=True)
-    rc = local.run(plan)
-    if env.node_id == 0:
-        rc = _maybe_requeue(env, cfg, run_dir, rc)
-    return rc
-
-
-def _maybe_requeue(env: SlurmEnv, cfg: Any, run_dir: str, rc: int) -> int:
-    path = os.path.join(run_dir, "preempted.json")
-    try:
-        with open(path) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return rc
-    if marker.get("job_id") != env.job_id or str(marker.get("restart")) != str(env.restart_count):
-        return rc  # left by an earlier allocation
-    cancelled = _cancelled(env.job_id, run_dir)
-    if cancelled:
-        print(f"launch: checkpointed at step {marker['step']}; not requeued: job {env.job_id} {cancelled}",
-              flush=True)
-        return 0
-    if env.restart_count >= cfg.slurm.max_requeues:
-        print(f"launch: checkpointed at step {marker['step']} but not requeued: slurm.max_requeues="
-              f"{cfg.slurm.max_requeues} reached; relaunch to continue", flush=True)
-        return 1
-    print(f"launch: checkpointed at step {marker['step']}; requeueing job {env.job_id} "
-          f"(requeue {env.restart_count + 1} of {cfg.slurm.max_requeues})", flush=True)
-    _REQUEUED.set()  # from now on SLURM's SIGTERM ends this task quietly (hold_preemption_signal)
-    r = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"launch: scontrol requeue failed: {r.stderr.strip()}", flush=True)
-        return 1
-    _cancel_again_if_asked(env.job_id, run_dir)
-    time.sleep(60)  # SLURM ends this allocation now; do not report success before it does
-    return 0
-
-
-CANCEL_MARKER = "cancelled.json"  # {"job_id": ...}: left in the run directory by `launch cancel` before scancel
-
-
-def _cancelled(job_id: str, run_dir: str, state: bool = True) -> str | None:
-    """Why the job must not requeue itself, or None. A cancel must win: `scontrol requeue` takes back even a
-    cancelled job, and a scancel sent while the job checkpoints for a preemption would otherwise be undone."""
-    try:
-        with open(os.path.join(run_dir, CANCEL_MARKER)) as f:
-            if str(json.load(f).get("job_id")) == str(job_id):
-                return "was cancelled (launch cancel)"
-    except (OSError, ValueError, AttributeError):
-        pass
-    if state:
-        now = job_state(job_id)  # RUNNING while this task runs, unless the job was cancelled (or is ending)
-        if now not in ("RUNNING", "UNKNOWN"):  # UNKNOWN: squeue and sacct did not answer; requeue as asked
-            return f"is {now}, not RUNNING: cancelled or ending"
-    return None
-
-
-def _cancel_again_if_asked(job_id: str, run_dir: str) -> None:
-    """After the requeue: a `launch cancel` that came between the check and the requeue cancels the requeued job."""
-    if _cancelled(job_id, run_dir, state=False):
-        subprocess.run(["scancel", job_id], capture_output=True)
-        print(f"launch: job {job_id} was cancelled while it requeued: cancelled again", flush=True)
-
-
-class NodeTask:
-    """The callable submitit runs in every task."""
-
-    def __call__(self, run_dir: str) -> int:
-        rc = node_main(run_dir)
-        if rc != 0:
-            raise LauncherError(f"node task exited with code {rc}; see {os.path.join(run_dir, 'logs')}")
-        return rc
-
-
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m launcher.backends.slurm RUN_DIR")
-    try:
-        sys.exit(node_main(sys.argv[1]))
-    except LauncherError as e:
-        print(f"launch: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    sys.exit(slurm_node.main(sys.argv[1:]))

@@ -1,7 +1,6 @@
 """A script that uses the launcher's small public API instead of raw torch.distributed calls."""
 
 import atexit
-import os
 import sys
 import threading
 import time
