@@ -1,4 +1,5 @@
-"""Shared fixtures: the real `launch` command in a subprocess, and no silent skips under CI."""
+"""Shared fixtures: recipes (`write_recipe`), the real `launch` command in a subprocess (`launch`, `run_launch`),
+where checkpoints go (`store`), and no silent skips under CI."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -24,9 +26,75 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 def run_launch(*args: str, cwd: Path | str, timeout: float = 180, env: dict | None = None,
                module: bool = False) -> subprocess.CompletedProcess:
-    """Run the real `launch` command (or `python -m launcher`) and capture its output."""
+    """Run the real `launch` command (or `python -m launcher`) with exactly these arguments and capture its output:
+    for subcommands (`ckpt ls`, `status`) and command lines a test spells itself (aliases, the default run
+    directory). A training run in a run directory of the test's goes through `launch`."""
     cmd = [sys.executable, "-m", "launcher", *args] if module else [LAUNCH, *args]
     return subprocess.run(cmd, cwd=cwd, env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------- recipes and runs
+
+# The tiny CPU recipe most tests start from: a 32-16-4 MLP whose rank a test can kill, hang, stop or slow through
+# environment variables (components.KillableMLP), 256 synthetic samples, 16 per rank, 12 steps, a checkpoint every
+# 4 steps, all kept.
+BASE = """\
+seed: 3
+model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4}
+data:
+  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 256}
+  batch_size: 16
+  num_workers: 0
+trainer: {max_steps: 12, log_every_steps: 1}
+checkpoint: {every_steps: 4, keep: 0}
+"""
+
+
+def write_recipe(where: Path | str, *changes: str, base: str = BASE, name: str = "exp.yaml") -> str:
+    """Write the recipe file WHERE/NAME and return its path: `base` (YAML text; a test's own where it shares little
+    with BASE) with each `key=value` change applied in order. A change sets its dotted key to the value, typed as
+    YAML as on the `launch` command line, and replaces what was there: `model.dropout=0.2` changes one field,
+    `model={_target_: ...}` the whole model, `checkpoint={}` leaves that section to the schema's defaults. (On the
+    command line a mapping merges into what is there instead.) Without changes `base` is written as it is."""
+    from launcher.recipe import parse_override, read_yaml
+    path = Path(where) / name
+    path.write_text(base)
+    if changes:
+        data, _ = read_yaml(str(path))
+        for change in changes:
+            key, value = parse_override(change)
+            *parents, last = key.split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def launch(where: Path, recipe: str, *args: str, run: str = "run", gpus: int = 2, store: Store | None = None,
+           env: dict[str, str] | None = None, expect: int | None = 0,
+           timeout: float = 180) -> tuple[subprocess.CompletedProcess, Path]:
+    """A run of the real `launch` command in WHERE: `launch RECIPE --gpus GPUS --run-dir WHERE/RUN ARGS` in
+    launch_env(**env); with a `store`, its checkpoint.dir for RUN comes before ARGS and its credentials under
+    `env`. Fails the test, showing the tails of stderr and stdout, unless the exit status is `expect` (None: any
+    status, for a test that checks it later itself). Returns the finished process and the run directory."""
+    __tracebackhide__ = True  # a failure points at the test's line
+    run_dir = Path(where) / run
+    cmd = [str(recipe), "--gpus", str(gpus), "--run-dir", str(run_dir)]
+    if store is not None:
+        cmd.append(f"checkpoint.dir={store.url(run)}")
+    cmd += args
+    r = run_launch(*cmd, cwd=where, timeout=timeout, env=launch_env(**{**(store.env if store else {}), **(env or {})}))
+    if expect is not None and r.returncode != expect:
+        pytest.fail(f"`launch {' '.join(cmd)}` exited with {r.returncode}, expected {expect}\n"
+                    f"--- stderr, last lines ---\n{_tail(r.stderr, 60)}\n"
+                    f"--- stdout, last lines ---\n{_tail(r.stdout, 20)}")
+    return r, run_dir
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def checkpoint_params(ckpt: Path | str) -> dict:

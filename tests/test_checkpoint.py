@@ -1,39 +1,26 @@
 """Checkpoints end to end with the real `launch` command, 2 gloo ranks, loader workers, on local disk and on a real
-S3 endpoint (moto's server on 127.0.0.1): exact resume after SIGKILL, a kill during the write, damage, another
-world size, an incompatible model."""
+S3 endpoint (moto's server on 127.0.0.1): exact resume after SIGKILL, a kill during the write, damage, async saves,
+a restarted group, stop requests. Resuming elsewhere (another world size, another model, an explicit checkpoint):
+test_checkpoint_resume."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import checkpoint_params, launch_env, run_launch
+from conftest import checkpoint_params, launch, launch_env, run_launch, write_recipe
 
 STEPS = 28  # 256 samples / (16 per rank x 2 ranks) = 8 steps per epoch: three and a half epochs
-RECIPE = """\
-seed: 7
-model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4, dropout: 0.2}
-data:
-  train: {_target_: components.AugmentedClassification, num_samples: 256}  # random draws in loader workers
-  batch_size: 16
-  num_workers: 2
-optimizer: {_target_: torch.optim.AdamW, lr: 1.0e-2}
-lr_scheduler: {_target_: torch.optim.lr_scheduler.StepLR, step_size: 5, gamma: 0.7}
-trainer: {max_steps: %d, log_every_steps: 1}
-checkpoint: {every_steps: 4, keep: 0}
-""" % STEPS
-
-
-def launch(tmp_path: Path, store, run: str, *args: str, env: dict | None = None, gpus: int = 2):
-    recipe = tmp_path / "exp.yaml"
-    recipe.write_text(RECIPE)
-    return run_launch(str(recipe), "--gpus", str(gpus), "--run-dir", str(tmp_path / run),
-                      f"checkpoint.dir={store.url(run)}", *args, cwd=tmp_path, env=launch_env(**{**store.env, **(env or {})}))
+# conftest.BASE with these changes
+RECIPE = ("seed=7", "model.dropout=0.2",
+          "data.train={_target_: components.AugmentedClassification, num_samples: 256}",  # draws in loader workers
+          "data.num_workers=2", "optimizer={_target_: torch.optim.AdamW, lr: 1.0e-2}",
+          "lr_scheduler={_target_: torch.optim.lr_scheduler.StepLR, step_size: 5, gamma: 0.7}",
+          f"trainer.max_steps={STEPS}")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -65,9 +52,8 @@ def reference(tmp_path_factory):
     from conftest import Store
     tmp = tmp_path_factory.mktemp("ref")
     store = Store("local", tmp, None)
-    r = launch(tmp, store, "ref")
-    assert r.returncode == 0, r.stderr
-    return losses(tmp / "ref"), final_params(tmp, store, "ref")
+    _, run_dir = launch(tmp, write_recipe(tmp, *RECIPE), run="ref", store=store)
+    return losses(run_dir), final_params(tmp, store, "ref")
 
 
 def assert_matches(reference, tmp_path, store, run):
@@ -83,37 +69,36 @@ def assert_matches(reference, tmp_path, store, run):
 
 
 def test_sigkill_mid_epoch_then_relaunch_resumes_exactly(tmp_path, store, reference):
+    recipe = write_recipe(tmp_path, *RECIPE)
     kill = {"KILL_AT_STEP": "14", "KILL_RANK": "1", "KILL_MARKER": str(tmp_path / "killed")}
-    r = launch(tmp_path, store, "run", env=kill)
-    assert r.returncode == 1 and "killed by signal SIGKILL" in r.stderr, r.stderr
-    r = launch(tmp_path, store, "run", env=kill)  # the same command again
-    assert r.returncode == 0, r.stderr
+    r, _ = launch(tmp_path, recipe, store=store, env=kill, expect=1)
+    assert "killed by signal SIGKILL" in r.stderr, r.stderr
+    r, _ = launch(tmp_path, recipe, store=store, env=kill)  # the same command again
     assert re.search(r"resume: from \S+step-000000012: step 12, epoch 1, sample 128 of the epoch", r.stdout), r.stdout
     assert_matches(reference, tmp_path, store, "run")
 
 
 def test_kill_during_checkpoint_write_falls_back_to_previous(tmp_path, store, reference):
     # keep=1: the only committed checkpoint must survive the failed write of its successor
-    r = launch(tmp_path, store, "run", "checkpoint.keep=1", env={"LAUNCHER_FAULT": "save.after_shards:8:1"})
-    assert r.returncode == 1
+    recipe = write_recipe(tmp_path, *RECIPE)
+    launch(tmp_path, recipe, "checkpoint.keep=1", store=store, env={"LAUNCHER_FAULT": "save.after_shards:8:1"},
+           expect=1)
     listing = run_launch("ckpt", "ls", store.url("run"), cwd=tmp_path, env=launch_env(**store.env)).stdout
     assert re.search(r"8 .*NOT COMMITTED: \S+manifest.json is missing", listing), listing
     assert re.search(r"4 .*committed, latest", listing), listing
-    r = launch(tmp_path, store, "run", "checkpoint.keep=1")
-    assert r.returncode == 0, r.stderr
+    r, _ = launch(tmp_path, recipe, "checkpoint.keep=1", store=store)
     assert re.search(r"resume: skipped \S+step-000000008: \S+manifest.json is missing", r.stdout + r.stderr)
     assert "resume: from" in r.stdout and "step-000000004: step 4" in r.stdout
     assert_matches(reference, tmp_path, store, "run")
 
 
 def test_damaged_newest_checkpoints_fall_back_with_warnings(tmp_path, store):
-    r = launch(tmp_path, store, "run", "trainer.max_steps=16")
-    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(tmp_path, *RECIPE)
+    launch(tmp_path, recipe, "trainer.max_steps=16", store=store)
     shard = f"{store.url('run')}/step-000000016/__1_0.distcp"
     store.truncate(shard)
     store.remove(f"{store.url('run')}/step-000000012/manifest.json")
-    r = launch(tmp_path, store, "run", "trainer.max_steps=20")
-    assert r.returncode == 0, r.stderr
+    r, _ = launch(tmp_path, recipe, "trainer.max_steps=20", store=store)
     out = r.stdout + r.stderr
     assert re.search(r"skipped \S+step-000000016: \S+__1_0.distcp has \d+ bytes, the manifest says \d+", out), out
     assert re.search(r"skipped \S+step-000000012: \S+manifest.json is missing", out), out
@@ -124,12 +109,11 @@ LOCAL_ONLY = pytest.mark.parametrize("store_kind", ["local"], indirect=True)  # 
 
 
 def test_async_save_resumes_exactly(tmp_path, store, reference):
+    recipe = write_recipe(tmp_path, *RECIPE)
     kill = {"KILL_AT_STEP": "14", "KILL_RANK": "0", "KILL_MARKER": str(tmp_path / "killed")}
-    r = launch(tmp_path, store, "run", "checkpoint.async=true", env=kill)
-    assert r.returncode == 1
-    assert "saving in the background" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
-    r = launch(tmp_path, store, "run", "checkpoint.async=true", env=kill)
-    assert r.returncode == 0, r.stderr
+    _, run_dir = launch(tmp_path, recipe, "checkpoint.async=true", store=store, env=kill, expect=1)
+    assert "saving in the background" in (run_dir / "logs" / "rank0.log").read_text()
+    r, _ = launch(tmp_path, recipe, "checkpoint.async=true", store=store, env=kill)
     assert re.search(r"resume: from \S+step-0000000(08|12): step", r.stdout), r.stdout
     assert_matches(reference, tmp_path, store, "run")
 
@@ -137,10 +121,9 @@ def test_async_save_resumes_exactly(tmp_path, store, reference):
 @LOCAL_ONLY
 def test_killed_worker_restarts_group_and_resumes_exactly(tmp_path, store, reference):
     kill = {"KILL_AT_STEP": "14", "KILL_RANK": "1", "KILL_MARKER": str(tmp_path / "killed")}
-    r = launch(tmp_path, store, "run", "--max-restarts", "1", env=kill)
-    assert r.returncode == 0, r.stderr
+    r, run_dir = launch(tmp_path, write_recipe(tmp_path, *RECIPE), "--max-restarts", "1", store=store, env=kill)
     assert (tmp_path / "killed").exists(), "the rank was never killed"
-    log1 = (tmp_path / "run" / "logs" / "rank1.log").read_text()
+    log1 = (run_dir / "logs" / "rank1.log").read_text()
     assert "restart 0" in log1 and "restart 1" in log1, log1[-2000:]
     assert re.search(r"resume: from \S+step-000000012: step 12", r.stdout), r.stdout
     assert_matches(reference, tmp_path, store, "run")
@@ -151,12 +134,12 @@ def test_preemptible_ranks_agree_on_a_stop_at_the_next_step_with_deterministic_k
     """Under SLURM (LAUNCHER_PREEMPTIBLE) the ranks agree on a stop request after every step, on a CPU side group
     of their own (no GPU synchronisation under NCCL): SIGUSR2 on rank 1 during step 10 stops both after step 10,
     not at the log step 12. trainer.deterministic switches deterministic kernels on and says so."""
-    r = launch(tmp_path, store, "run", "trainer.log_every_steps=3", "trainer.deterministic=true",
-               env={"USR2_AT_STEP": "10", "USR2_RANK": "1", "LAUNCHER_PREEMPTIBLE": "1"})
-    assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "run" / "preempted.json").read_text())["step"] == 10
+    _, run_dir = launch(tmp_path, write_recipe(tmp_path, *RECIPE), "trainer.log_every_steps=3",
+                        "trainer.deterministic=true", store=store,
+                        env={"USR2_AT_STEP": "10", "USR2_RANK": "1", "LAUNCHER_PREEMPTIBLE": "1"})
+    assert json.loads((run_dir / "preempted.json").read_text())["step"] == 10
     for rank in (0, 1):
-        log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert "stop requested: checkpointing at step 10" in log, log[-2000:]
         assert "deterministic kernels: torch.use_deterministic_algorithms(True)" in log, log[:3000]
 
@@ -166,16 +149,16 @@ def test_stop_request_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, st
     """SIGUSR2 reaches rank 1 only, during step 10. The ranks agree on it at the next log step (12, with
     log_every_steps=3), write one committed checkpoint there and leave preempted.json; the relaunch resumes from it
     and ends with the uninterrupted run's parameters."""
-    r = launch(tmp_path, store, "run", "trainer.log_every_steps=3", env={"USR2_AT_STEP": "10", "USR2_RANK": "1"})
-    assert r.returncode == 0, r.stderr
-    marker = json.loads((tmp_path / "run" / "preempted.json").read_text())
+    recipe = write_recipe(tmp_path, *RECIPE)
+    _, run_dir = launch(tmp_path, recipe, "trainer.log_every_steps=3", store=store,
+                        env={"USR2_AT_STEP": "10", "USR2_RANK": "1"})
+    marker = json.loads((run_dir / "preempted.json").read_text())
     assert marker["step"] == 12, marker
     for rank in (0, 1):
-        log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert "stop requested: checkpointing at step 12" in log, log[-2000:]
-    assert "received SIGUSR2" in (tmp_path / "run" / "logs" / "rank1.log").read_text()
-    r = launch(tmp_path, store, "run", "trainer.log_every_steps=3")
-    assert r.returncode == 0, r.stderr
+    assert "received SIGUSR2" in (run_dir / "logs" / "rank1.log").read_text()
+    r, _ = launch(tmp_path, recipe, "trainer.log_every_steps=3", store=store)
     assert re.search(r"resume: from \S+step-000000012: step 12", r.stdout), r.stdout
     params = final_params(tmp_path, store, "run")
     for k, v in reference[1].items():

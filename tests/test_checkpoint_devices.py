@@ -17,10 +17,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import write_recipe
+
 from launcher.checkpoint import dcp_io, rng
 from launcher.checkpoint.rng import CudaLayout
 from launcher.checkpoint.storage import Storage
 
+# A recipe of its own, not conftest.BASE: the tests build the model and optimizer themselves; the recipe gives the
+# checkpoint section.
 RECIPE = """\
 seed: 3
 model: {_target_: torch.nn.Identity}
@@ -95,9 +99,8 @@ class FakeEvent:
 
 def _cfg(tmp: Path, *overrides: str) -> Any:
     from launcher import recipe
-    path = tmp / "recipe.yaml"
-    path.write_text(RECIPE)
-    return recipe.load(str(path), [f"checkpoint.dir={tmp / 'ckpt'}", *overrides]).cfg
+    path = write_recipe(tmp, base=RECIPE, name="recipe.yaml")
+    return recipe.load(path, [f"checkpoint.dir={tmp / 'ckpt'}", *overrides]).cfg
 
 
 def _parts(tmp: Path, *overrides: str, device: torch.device = CPU) -> tuple[nn.Module, torch.optim.Optimizer, Any]:

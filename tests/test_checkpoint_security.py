@@ -1,5 +1,6 @@
-"""Crafted checkpoints run nothing, and checkpoints come out in the files people expect, with the real `launch`
-command (2 gloo ranks to resume, 1 to fine-tune), `launch ckpt export`, on local disk and on the S3 endpoint.
+"""Crafted checkpoints run nothing, credentials are written nowhere, and checkpoints come out in the files people
+expect, with the real `launch` command (2 gloo ranks to resume, 1 to fine-tune), `launch ckpt export`, on local
+disk and on the S3 endpoint.
 
 A crafted `.metadata` is built from raw pickle opcodes (or, for a path out of the step folder, from a real one with
 its data files renamed) inside a copy of one small committed run, with manifest.json's size for it updated, so that
@@ -7,7 +8,6 @@ only the metadata gives it away. Each payload would create a marker file if anyt
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import re
@@ -17,19 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint_params, launch_env, run_launch
+from conftest import checkpoint_params, launch, launch_env, run_launch, write_recipe
+from test_checkpoint import RECIPE as CHECKPOINT_RECIPE  # test_credentials_never_written runs it
 
-RECIPE = """\
-seed: 3
-model: {_target_: launcher.zoo.models.MLP, in_features: 8, hidden: 8, out_features: 2}
-data:
-  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 64, num_features: 8, num_classes: 2}
-  batch_size: 8
-  num_workers: 0
-optimizer: {_target_: torch.optim.SGD, lr: 0.1}
-trainer: {max_steps: 4, log_every_steps: 1}
-checkpoint: {every_steps: 2, keep: 0}
-"""
+# conftest.BASE with these changes
+RECIPE = ("model={_target_: launcher.zoo.models.MLP, in_features: 8, hidden: 8, out_features: 2}",
+          "data.train.num_samples=64", "data.train.num_features=8", "data.train.num_classes=2", "data.batch_size=8",
+          "optimizer={_target_: torch.optim.SGD, lr: 0.1}", "trainer.max_steps=4", "checkpoint.every_steps=2")
 MODULE = "torch.distributed.checkpoint.metadata"
 
 
@@ -37,20 +31,12 @@ def step(n: int) -> str:
     return f"step-{n:09d}"
 
 
-def launch(tmp_path: Path, run: str, *args: str, gpus: int = 1, env: dict | None = None):
-    recipe = tmp_path / "exp.yaml"
-    recipe.write_text(RECIPE)
-    return run_launch(str(recipe), "--gpus", str(gpus), "--run-dir", str(tmp_path / run), *args, cwd=tmp_path,
-                      env=launch_env(**(env or {})))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """One small committed run: a checkpoint directory with step 2 and step 4, never changed by a test (tests copy)."""
     tmp = tmp_path_factory.mktemp("security-ref")
-    r = launch(tmp, "ref", gpus=2)
-    assert r.returncode == 0, r.stderr
-    ckpt = tmp / "ref" / "checkpoints"
+    _, run_dir = launch(tmp, write_recipe(tmp, *RECIPE), run="ref")
+    ckpt = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == [step(2), step(4)]
     return ckpt
 
@@ -162,12 +148,11 @@ def test_resume_passes_over_crafted_checkpoints_and_never_removes_them(tmp_path,
     for n in (5, 6, 7):
         shutil.copytree(reference / step(4), local / step(n))
     refused = {n: craft(local / step(n), kind, marker) for n, kind in zip((4, 5, 6, 7), KINDS)}
-    url = upload(store, local, "run")
+    url = upload(store, local, "run")  # the store's checkpoint.dir for the run "run"
     before = tree(store, url)
-    args = ("--gpus", "2", f"checkpoint.dir={url}")
-    r = launch(tmp_path, "run", *args, "trainer.max_steps=3", env=store.env)
+    recipe = write_recipe(tmp_path, *RECIPE)
+    r, _ = launch(tmp_path, recipe, "trainer.max_steps=3", store=store)
     out = r.stdout + r.stderr
-    assert r.returncode == 0, r.stderr
     for n, name in refused.items():
         assert re.search(rf"resume: skipped \S+{step(n)}: \S+{step(n)}/.metadata (refers to the Python global "
                          rf"|names the data file ){re.escape(name)}", out), out
@@ -175,8 +160,7 @@ def test_resume_passes_over_crafted_checkpoints_and_never_removes_them(tmp_path,
         in out, out
     assert re.search(rf"resume: from \S+{step(2)}: step 2", r.stdout), r.stdout
     assert not marker.exists(), "a crafted checkpoint ran code"
-    r = launch(tmp_path, "run", *args, "trainer.max_steps=4", env=store.env)  # saves at step 4: a crafted folder
-    assert r.returncode == 1, r.stderr
+    r, _ = launch(tmp_path, recipe, "trainer.max_steps=4", store=store, expect=1)  # saves at step 4: a crafted one
     assert re.search(rf"checkpoint \S+{step(4)} was not saved: the folder holds a committed checkpoint whose "
                      rf"metadata is refused .*never overwritten or deleted: move it out of ", r.stderr), r.stderr
     assert "the previous committed checkpoint (step 3) is intact" in r.stderr
@@ -202,8 +186,8 @@ def test_finetune_from_a_crafted_checkpoint_fails_naming_file_and_global(tmp_pat
             in str(e.value) and refused in str(e.value), str(e.value)
         assert not marker.exists(), f"a crafted checkpoint ({kind}) ran code"
     ckpt = tmp_path / "dotted"
-    r = launch(tmp_path, "run", f"finetune.init_from={ckpt / step(4)}", "trainer.max_steps=1")
-    assert r.returncode == 1, r.stderr
+    r, _ = launch(tmp_path, write_recipe(tmp_path, *RECIPE), f"finetune.init_from={ckpt / step(4)}",
+                  "trainer.max_steps=1", gpus=1, expect=1)
     assert f"{ckpt / step(4)}/.metadata refers to the Python global {MODULE}.os.system" in r.stderr, r.stderr
     assert not marker.exists(), "a crafted checkpoint ran code"
 
@@ -212,8 +196,8 @@ def test_finetune_from_a_directory_passes_over_a_crafted_newest(tmp_path, refere
     marker = tmp_path / "ran"
     ckpt = copy_run(reference, tmp_path / "pretrained")
     craft(ckpt / step(4), "dotted", marker)
-    r = launch(tmp_path, "run", f"finetune.init_from={ckpt}", "trainer.max_steps=1")
-    assert r.returncode == 0, r.stderr
+    r, _ = launch(tmp_path, write_recipe(tmp_path, *RECIPE), f"finetune.init_from={ckpt}", "trainer.max_steps=1",
+                  gpus=1)
     out = r.stdout + r.stderr
     assert re.search(rf"finetune.init_from: skipped \S+{step(4)}: \S+/.metadata refers to the Python global "
                      rf"{re.escape(MODULE)}.os.system", out), out
@@ -314,10 +298,27 @@ def test_finetune_from_a_safetensors_file(tmp_path, reference):
     """Hugging Face ships weights as model.safetensors; lr 0 keeps them, so the run's checkpoint must hold them."""
     from launcher.checkpoint import tools
     want = checkpoint_params(reference / step(4))
-    (tmp_path / "model.safetensors").write_bytes(tools.safetensors_bytes(want))
-    r = launch(tmp_path, "run", f"finetune.init_from={tmp_path / 'model.safetensors'}", "optimizer.lr=0.0",
-               "trainer.max_steps=1")
-    assert r.returncode == 0, r.stderr
-    assert f"initialised from {tmp_path / 'model.safetensors'}: 6 tensors loaded" in r.stdout + r.stderr
-    got = checkpoint_params(tmp_path / "run" / "checkpoints" / step(1))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(tools.safetensors_bytes(want))
+    r, run_dir = launch(tmp_path, write_recipe(tmp_path, *RECIPE), f"finetune.init_from={weights}", "optimizer.lr=0.0",
+                        "trainer.max_steps=1", gpus=1)
+    assert f"initialised from {weights}: 6 tensors loaded" in r.stdout + r.stderr
+    got = checkpoint_params(run_dir / "checkpoints" / step(1))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------------------------- credentials
+
+def test_credentials_never_written(tmp_path, s3_server):
+    from conftest import Store
+    store = Store("s3", tmp_path, s3_server)
+    secret = "Sekr3tKeyForThisTestOnly9"
+    r, run_dir = launch(tmp_path, write_recipe(tmp_path, *CHECKPOINT_RECIPE), "trainer.max_steps=4", store=store,
+                        env={"AWS_SECRET_ACCESS_KEY": secret})
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), f"the secret key leaked into {path}"
+    fs = store._fs()
+    for key in fs.find(store.url("run")):
+        assert secret.encode() not in fs.cat_file(key), f"the secret key leaked into {key}"
+    assert secret not in r.stdout + r.stderr

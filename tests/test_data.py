@@ -9,10 +9,13 @@ import socket
 import pytest
 import torch
 
+from conftest import write_recipe
+
 from launcher import recipe
 from launcher.data import build_loader
 from launcher.dist import RankInfo
 
+# A recipe of its own, not conftest.BASE: a dataset that returns its random draws, no model to speak of.
 RECIPE = """\
 seed: 3
 model: {_target_: torch.nn.Identity}
@@ -25,9 +28,7 @@ trainer: {max_epochs: 2}
 
 
 def _data_cfg(tmp_path, *overrides: str):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    return recipe.load(str(path), list(overrides)).cfg
+    return recipe.load(write_recipe(tmp_path, base=RECIPE, name="recipe.yaml"), list(overrides)).cfg
 
 
 def _info(rank: int, world: int) -> RankInfo:

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, checkpoint_params, launch_env, require, run_launch
+from conftest import ROOT, checkpoint_params, launch, launch_env, require, write_recipe
 
 pytestmark = pytest.mark.gpu
 
+# A recipe of its own, not conftest.BASE: a wider model, more data, larger batches and deterministic kernels.
 RECIPE = """\
 seed: 0
 model: {_target_: components.KillableMLP, in_features: 32, hidden: 64, out_features: 4, dropout: 0.1}
@@ -62,14 +63,6 @@ def record(check: str, result: str, figure: str = "") -> None:
             f.write(json.dumps({"check": check, "result": result, "figure": figure}) + "\n")
 
 
-def launch(tmp_path: Path, run: str, *args: str, gpus_n: int = 1, env: dict | None = None,
-           recipe: str = RECIPE) -> subprocess.CompletedProcess:
-    path = tmp_path / "gpu.yaml"
-    path.write_text(recipe)
-    return run_launch(str(path), "--gpus", str(gpus_n), "--run-dir", str(tmp_path / run), *args, cwd=tmp_path,
-                      env=launch_env(**(env or {})), timeout=300)
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     out: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -91,9 +84,8 @@ def reference(tmp_path_factory) -> Path:
     """One uninterrupted deterministic run on GPU 0: what every resume below must reproduce bit for bit."""
     gpus()
     tmp = tmp_path_factory.mktemp("gpu-ref")
-    r = launch(tmp, "ref")
-    assert r.returncode == 0, r.stderr
-    return tmp / "ref"
+    _, run_dir = launch(tmp, write_recipe(tmp, base=RECIPE, name="gpu.yaml"), run="ref", gpus=1, timeout=300)
+    return run_dir
 
 
 def test_nccl_on_the_gpu_of_local_rank(reference):
@@ -109,51 +101,49 @@ def test_nccl_on_the_gpu_of_local_rank(reference):
 def test_kill_and_resume_is_bitwise_on_the_gpu(tmp_path, reference, mode):
     """SIGKILL of the rank at step 14 (checkpoints every 6): the agent restarts it, it resumes from step 12 and
     ends with the uninterrupted run's parameters and losses (trainer.deterministic)."""
+    recipe = write_recipe(tmp_path, base=RECIPE, name="gpu.yaml")
     t0 = time.time()
-    r = launch(tmp_path, "run", "--max-restarts", "1", f"checkpoint.async={'true' if mode == 'async' else 'false'}",
-               env={"KILL_AT_STEP": "14", "KILL_RANK": "0", "KILL_MARKER": str(tmp_path / "killed")})
-    assert r.returncode == 0, r.stderr
+    r, run_dir = launch(tmp_path, recipe, "--max-restarts", "1",
+                        f"checkpoint.async={'true' if mode == 'async' else 'false'}", gpus=1, timeout=300,
+                        env={"KILL_AT_STEP": "14", "KILL_RANK": "0", "KILL_MARKER": str(tmp_path / "killed")})
     assert (tmp_path / "killed").exists(), "the rank was never killed"
     assert re.search(r"resume: from \S+step-000000012: step 12", r.stdout), r.stdout
-    assert losses(tmp_path / "run") == losses(reference)
-    assert same(final(tmp_path / "run"), final(reference)), "parameters differ from the uninterrupted GPU run"
+    assert losses(run_dir) == losses(reference)
+    assert same(final(run_dir), final(reference)), "parameters differ from the uninterrupted GPU run"
     record(f"{mode} save, kill, resume bitwise", "pass", f"{time.time() - t0:.1f} s with one restart")
 
 
 def test_fp16_with_its_scaler_resumes_exactly_and_bf16_learns(tmp_path):
-    ref = launch(tmp_path, "ref", "trainer.precision=fp16")
-    assert ref.returncode == 0, ref.stderr
-    state = json.loads((tmp_path / "ref" / "checkpoints" / "step-000000024" / "train_state.json").read_text())
+    recipe = write_recipe(tmp_path, base=RECIPE, name="gpu.yaml")
+    _, ref = launch(tmp_path, recipe, "trainer.precision=fp16", run="ref", gpus=1, timeout=300)
+    state = json.loads((ref / "checkpoints" / "step-000000024" / "train_state.json").read_text())
     assert state["scaler"]["scale"] > 0, state
-    r = launch(tmp_path, "run", "trainer.precision=fp16", "trainer.max_steps=12")
-    assert r.returncode == 0, r.stderr
-    r = launch(tmp_path, "run", "trainer.precision=fp16")
-    assert r.returncode == 0 and "resume: from" in r.stdout, r.stderr
-    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
-    assert same(final(tmp_path / "run"), final(tmp_path / "ref"))
-    bf = launch(tmp_path, "bf16", "trainer.precision=bf16")
-    assert bf.returncode == 0, bf.stderr
-    got = losses(tmp_path / "bf16")
+    launch(tmp_path, recipe, "trainer.precision=fp16", "trainer.max_steps=12", gpus=1, timeout=300)
+    r, run_dir = launch(tmp_path, recipe, "trainer.precision=fp16", gpus=1, timeout=300)
+    assert "resume: from" in r.stdout, r.stderr
+    assert losses(run_dir) == losses(ref)
+    assert same(final(run_dir), final(ref))
+    _, bf16 = launch(tmp_path, recipe, "trainer.precision=bf16", run="bf16", gpus=1, timeout=300)
+    got = losses(bf16)
     assert got[24] < got[2], got
     record("fp16 + scaler across a resume; bf16", "pass", f"scale {state['scaler']['scale']:g}")
 
 
 def test_compiled_model_trains(tmp_path):
-    r = launch(tmp_path, "run", "trainer.compile=true", "trainer.deterministic=false")
-    assert r.returncode == 0, r.stderr
-    log = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    _, run_dir = launch(tmp_path, write_recipe(tmp_path, base=RECIPE, name="gpu.yaml"), "trainer.compile=true",
+                        "trainer.deterministic=false", gpus=1, timeout=300)
+    log = (run_dir / "logs" / "rank0.log").read_text()
     m = re.search(r"torch.compile: (\d+) graphs compiled, (\d+) graph breaks", log)
     assert m and int(m.group(1)) >= 1, log[-3000:]
-    got = losses(tmp_path / "run")
+    got = losses(run_dir)
     assert got[24] < got[2], got
     record("torch.compile", "pass", f"{m.group(1)} graphs, {m.group(2)} breaks")
 
 
 def test_out_of_memory_is_a_report_that_says_what_to_change(tmp_path):
-    recipe = RECIPE.replace("components.KillableMLP, in_features: 32, hidden: 64, out_features: 4, dropout: 0.1",
-                            "components.AllocatingMLP, step: 3, gib: 1048576")
-    r = launch(tmp_path, "run", recipe=recipe)
-    assert r.returncode == 1, r.stderr
+    recipe = write_recipe(tmp_path, "model={_target_: components.AllocatingMLP, step: 3, gib: 1048576}", base=RECIPE,
+                          name="gpu.yaml")
+    r, _ = launch(tmp_path, recipe, gpus=1, expect=1, timeout=300)
     assert re.search(r"out of memory", r.stderr, re.I) and "batch" in r.stderr, r.stderr[-3000:]
     record("out-of-memory report", "pass", "a real CUDA OOM at step 3")
 
@@ -178,11 +168,9 @@ def _cuda_device_files(pid: int) -> list[str]:
 def test_cpu_ranks_on_a_gpu_host_create_no_cuda_context(tmp_path):
     """trainer.device=cpu on a GPU machine: 2 CPU ranks with async checkpoints; no rank (nor a thread of it)
     opens a GPU, from start to end."""
-    recipe = RECIPE.replace("dropout: 0.1}", "dropout: 0.1, step_sleep: 0.05}")
+    path = write_recipe(tmp_path, "model.step_sleep=0.05", base=RECIPE, name="cpu.yaml")
     run_dir = tmp_path / "run"
-    path = tmp_path / "cpu.yaml"
-    path.write_text(recipe)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"), str(path), "--gpus", "2", "--run-dir",
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"), path, "--gpus", "2", "--run-dir",
                              str(run_dir), "trainer.device=cpu", "checkpoint.async=true",
                              "checkpoint.every_steps=2"], cwd=tmp_path, env=launch_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -202,13 +190,14 @@ def test_cpu_ranks_on_a_gpu_host_create_no_cuda_context(tmp_path):
 
 
 def test_preemption_signal_checkpoints_on_the_gpu_and_resumes_exactly(tmp_path, reference):
-    r = launch(tmp_path, "run", env={"USR2_AT_STEP": "9", "USR2_RANK": "0", "LAUNCHER_PREEMPTIBLE": "1"})
-    assert r.returncode == 0, r.stderr
-    marker = json.loads((tmp_path / "run" / "preempted.json").read_text())
+    recipe = write_recipe(tmp_path, base=RECIPE, name="gpu.yaml")
+    _, run_dir = launch(tmp_path, recipe, gpus=1, timeout=300,
+                        env={"USR2_AT_STEP": "9", "USR2_RANK": "0", "LAUNCHER_PREEMPTIBLE": "1"})
+    marker = json.loads((run_dir / "preempted.json").read_text())
     assert marker["step"] == 9, marker
-    r = launch(tmp_path, "run")
-    assert r.returncode == 0 and re.search(r"resume: from \S+step-000000009", r.stdout), r.stderr
-    assert same(final(tmp_path / "run"), final(reference))
+    r, _ = launch(tmp_path, recipe, gpus=1, timeout=300)
+    assert re.search(r"resume: from \S+step-000000009", r.stdout), r.stderr
+    assert same(final(run_dir), final(reference))
     record("preemption: stop, checkpoint, resume", "pass", f"stopped at step {marker['step']}")
 
 
@@ -241,19 +230,18 @@ def test_steps_per_second_against_the_hand_written_loop_on_the_same_gpu():
 
 def test_two_ranks_train_with_nccl(tmp_path):
     need(2)
-    r = launch(tmp_path, "run", gpus_n=2)
-    assert r.returncode == 0, r.stderr
+    _, run_dir = launch(tmp_path, write_recipe(tmp_path, base=RECIPE, name="gpu.yaml"), timeout=300)
     for k in (0, 1):
-        assert f"device cuda:{k}, backend nccl" in (tmp_path / "run" / "logs" / f"rank{k}.log").read_text()
+        assert f"device cuda:{k}, backend nccl" in (run_dir / "logs" / f"rank{k}.log").read_text()
     record("2-rank NCCL training", "pass", "cuda:0 + cuda:1")
 
 
 def test_a_hung_rank_is_named_under_nccl(tmp_path):
     need(2)
-    r = launch(tmp_path, "run", "launch.collective_timeout_s=20", gpus_n=2,
-               env={"HANG_AT_STEP": "5", "HANG_RANK": "1"})
-    assert r.returncode == 1, r.stderr
-    assert re.search(r"rank 1 did not answer", r.stderr + (tmp_path / "run" / "logs" / "rank0.log").read_text()), \
+    r, run_dir = launch(tmp_path, write_recipe(tmp_path, base=RECIPE, name="gpu.yaml"),
+                        "launch.collective_timeout_s=20", env={"HANG_AT_STEP": "5", "HANG_RANK": "1"}, expect=1,
+                        timeout=300)
+    assert re.search(r"rank 1 did not answer", r.stderr + (run_dir / "logs" / "rank0.log").read_text()), \
         r.stderr[-3000:]
     record("hung rank named under NCCL", "pass", "rank 1, 20 s limit")
 
@@ -276,11 +264,9 @@ def test_async_save_makes_no_context_on_another_ranks_gpu(tmp_path):
     need(2)
     require(subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0,
             "needs nvidia-smi to see which process holds a context on which GPU")
-    recipe = RECIPE.replace("dropout: 0.1}", "dropout: 0.1, step_sleep: 0.05}")
+    path = write_recipe(tmp_path, "model.step_sleep=0.05", base=RECIPE, name="two.yaml")
     run_dir = tmp_path / "run"
-    path = tmp_path / "two.yaml"
-    path.write_text(recipe)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"), str(path), "--gpus", "2", "--run-dir",
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"), path, "--gpus", "2", "--run-dir",
                              str(run_dir), "checkpoint.async=true", "checkpoint.every_steps=2"], cwd=tmp_path,
                             env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, set[str]] = {}

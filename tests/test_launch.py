@@ -13,32 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TESTS, launch_env, run_launch
+from conftest import ROOT, TESTS, launch, launch_env, run_launch, write_recipe
 from s3 import free_port
 
-RECIPE = """\
-seed: 3
-model:
-  _target_: launcher.zoo.models.MLP
-  in_features: 32
-  hidden: 16
-  out_features: 4
-data:
-  train:
-    _target_: launcher.zoo.datasets.SyntheticClassification
-    num_samples: 256
-  batch_size: 16
-  num_workers: 1
-trainer:
-  max_steps: 12
-  log_every_steps: 4
-"""
-
-
-def write(tmp_path: Path, text: str = RECIPE, name: str = "exp.yaml") -> str:
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
+# conftest.BASE with these changes. Tests of the command line's own defaults (the run directory, aliases, scripts)
+# spell their command lines with run_launch.
+RECIPE = ("model._target_=launcher.zoo.models.MLP", "data.num_workers=1", "trainer.log_every_steps=4",
+          "checkpoint={}")  # the schema's checkpoint defaults
 
 
 def rank_log(run_dir: Path, rank: int) -> str:
@@ -46,7 +27,7 @@ def rank_log(run_dir: Path, rank: int) -> str:
 
 
 def test_trains_with_two_processes_and_writes_run_dir(tmp_path):
-    r = run_launch(write(tmp_path), "--nodes", "1", "--gpus", "2", cwd=tmp_path)
+    r = run_launch(write_recipe(tmp_path, *RECIPE), "--nodes", "1", "--gpus", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "no CUDA device: running 2 processes per node on the CPU with gloo" in r.stderr
     run_dir = tmp_path / "runs" / "exp"
@@ -62,15 +43,16 @@ def test_trains_with_two_processes_and_writes_run_dir(tmp_path):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["seed"] == 3 and config["trainer"]["max_steps"] == 12 and config["run"]["dir"] == str(run_dir)
     assert config["launcher_version"]
-    launch = json.loads((run_dir / "launch.json").read_text())
-    assert launch["world_size"] == 2 and launch["dist_backend"] == "gloo"
-    assert launch["device"] == "cpu" and launch["env"]["LAUNCHER_DEVICE"] == "cpu"
+    plan = json.loads((run_dir / "launch.json").read_text())
+    assert plan["world_size"] == 2 and plan["dist_backend"] == "gloo"
+    assert plan["device"] == "cpu" and plan["env"]["LAUNCHER_DEVICE"] == "cpu"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12]
 
 
 def test_python_m_launcher_torchrun_aliases_and_overrides(tmp_path):
-    r = run_launch(write(tmp_path), "--nnodes", "1", "--nproc-per-node", "2", "--run-dir", str(tmp_path / "out"),
+    r = run_launch(write_recipe(tmp_path, *RECIPE), "--nnodes", "1", "--nproc-per-node", "2", "--run-dir",
+                   str(tmp_path / "out"),
                    "trainer.max_steps=5", "trainer.log_every_steps=5", cwd=tmp_path, module=True)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -93,7 +75,7 @@ data:
   num_workers: 2
 trainer: {{max_epochs: 3, log_every_steps: 100}}
 """
-    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    r = run_launch(write_recipe(tmp_path, base=recipe), "--gpus", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     per_rank = [_epochs(tmp_path / f"indices-rank{k}.txt", per_epoch_batches=4) for k in (0, 1)]
     assert all(len(epochs) == 3 for epochs in per_rank)
@@ -116,7 +98,7 @@ data:
   num_workers: 2
 trainer: {{max_epochs: 1}}
 """
-    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    r = run_launch(write_recipe(tmp_path, base=recipe), "--gpus", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "runs" / "exp"
     prints = [re.search(r"fingerprint (\w+)", rank_log(run_dir, k)).group(1) for k in (0, 1)]
@@ -139,10 +121,9 @@ trainer: {{max_epochs: 1}}
 
 @pytest.mark.parametrize("mode, expected", [("raise", r"exit code 1"), ("kill", r"killed by signal SIGKILL")])
 def test_failing_rank_is_reported_and_group_torn_down(tmp_path, mode, expected):
-    recipe = RECIPE.replace("_target_: launcher.zoo.models.MLP",
-                            f"_target_: components.FailingMLP\n  step: 3\n  rank: 1\n  mode: {mode}") \
-                   .replace("  in_features: 32\n  hidden: 16\n  out_features: 4\n", "")
-    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    recipe = write_recipe(tmp_path, *RECIPE,
+                          f"model={{_target_: components.FailingMLP, step: 3, rank: 1, mode: {mode}}}")
+    r = run_launch(recipe, "--gpus", "2", cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     run_dir = tmp_path / "runs" / "exp"
     assert re.search(rf"rank 1 \(local rank 1, pid \d+\) on host \S+: {expected}", r.stderr), r.stderr
@@ -179,7 +160,7 @@ def test_ranks_start_as_fresh_interpreters_would_forked_or_not(tmp_path, preload
     torch once; a rank must still look like the fresh interpreter it replaces (false)."""
     (tmp_path / "probe.py").write_text(PROBE)
     recipe = f"script: {{path: probe.py, args: ['{tmp_path}']}}\nlaunch: {{preload_workers: {str(preload).lower()}}}\n"
-    r = run_launch(write(tmp_path, recipe), "--gpus", "2", cwd=tmp_path)
+    r = run_launch(write_recipe(tmp_path, base=recipe), "--gpus", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
     fresh = subprocess.run([sys.executable, "-c", "import multiprocessing; print(multiprocessing.get_start_method())"],
@@ -275,7 +256,7 @@ def test_script_module_from_recipe_and_from_dash_m(tmp_path):
               "run: {dir: elsewhere/mod-run}\n")
     env = launch_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "recipes" / "scripts"), env["PYTHONPATH"]])
-    r = run_launch(write(tmp_path, recipe, "mod.yaml"), cwd=tmp_path, env=env)
+    r = run_launch(write_recipe(tmp_path, base=recipe, name="mod.yaml"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     # run.dir from the recipe (relative to where launch runs) holds the logs
     assert "plain script rank 1 finished 2 steps" in rank_log(tmp_path / "elsewhere" / "mod-run", 1)
@@ -286,7 +267,7 @@ def test_script_module_from_recipe_and_from_dash_m(tmp_path):
 
 @pytest.mark.parametrize("static", [False, True], ids=["c10d", "static-node-rank"])
 def test_two_launches_form_one_job_over_a_rendezvous(tmp_path, static):
-    path = write(tmp_path)
+    path = write_recipe(tmp_path, *RECIPE)
     endpoint = f"127.0.0.1:{free_port()}"
     procs = []
     for node in (0, 1):
@@ -304,11 +285,12 @@ def test_two_launches_form_one_job_over_a_rendezvous(tmp_path, static):
 
 
 def test_multi_node_without_endpoint_is_refused(tmp_path):
-    r = run_launch(write(tmp_path), "--nodes", "2", cwd=tmp_path)
+    recipe = write_recipe(tmp_path, *RECIPE)
+    r = run_launch(recipe, "--nodes", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--rdzv-endpoint HOST:PORT" in r.stderr
-    r = run_launch(write(tmp_path), "--nodes", "2", "--rdzv-endpoint", "nohostport", cwd=tmp_path)
+    r = run_launch(recipe, "--nodes", "2", "--rdzv-endpoint", "nohostport", cwd=tmp_path)
     assert r.returncode == 2 and "is not HOST:PORT" in r.stderr
-    r = run_launch(write(tmp_path), "--nodes", "2", "--rdzv-endpoint", "a:1", "--node-rank", "2", cwd=tmp_path)
+    r = run_launch(recipe, "--nodes", "2", "--rdzv-endpoint", "a:1", "--node-rank", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--node-rank 2 is outside 0..1" in r.stderr
 
 
@@ -320,9 +302,7 @@ def test_ranks_keep_freed_memory_for_reuse(tmp_path):
     faults = {}
     for setting in ("true", "false"):
         out = tmp_path / setting
-        r = run_launch(script, "--gpus", "2", "--run-dir", str(tmp_path / f"run-{setting}"),
-                       f"launch.keep_freed_memory={setting}", "--", str(out), cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
+        launch(tmp_path, script, f"launch.keep_freed_memory={setting}", "--", str(out), run=f"run-{setting}")
         faults[setting] = [int((tmp_path / f"{setting}-rank{rank}.txt").read_text()) for rank in (0, 1)]
     log = rank_log(tmp_path / "run-true", 1)
     assert "host memory: freed memory kept for reuse" in log, log[-1000:]
@@ -349,9 +329,9 @@ def test_signals_during_teardown_do_not_stop_a_rank_leaving_its_group(tmp_path):
     workers. The rank's SIGTERM handler and the DataLoader's SIGCHLD handler both raise; arriving while the rank
     leaves its process group, they must not cut that short."""
     script = str(TESTS / "scripts" / "signals_in_teardown.py")
-    r = run_launch(script, "--gpus", "2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    r, run_dir = launch(tmp_path, script, expect=None)  # the exit status last: the logs say more
     for rank in (0, 1):
-        log = rank_log(tmp_path / "run", rank)
+        log = rank_log(run_dir, rank)
         assert "process group destroyed" in log, log[-2000:]
         assert f"rank {rank} signalled during teardown" in log, log[-2000:]
     assert r.returncode == 0, r.stderr

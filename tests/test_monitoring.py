@@ -10,19 +10,13 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import LAUNCH, launch_env, run_launch
+from conftest import LAUNCH, launch, launch_env, write_recipe
 
-RECIPE = """\
-seed: 0
-model: {_target_: launcher.zoo.models.MLP, in_features: 32, hidden: 32, out_features: 4}
-data:
-  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 256}
-  val: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 100, seed: 1}
-  batch_size: 16
-  num_workers: 1
-trainer: {max_steps: 8, log_every_steps: 2, val_every_steps: 4, val_every_epochs: null}
-checkpoint: {every_steps: 4}
-"""
+# conftest.BASE with these changes
+RECIPE = ("seed=0", "model={_target_: launcher.zoo.models.MLP, in_features: 32, hidden: 32, out_features: 4}",
+          "data.val={_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 100, seed: 1}",
+          "data.num_workers=1", "checkpoint={every_steps: 4}",
+          "trainer={max_steps: 8, log_every_steps: 2, val_every_steps: 4, val_every_epochs: null}")
 
 SCALARS = {"train/loss", "train/lr", "train/epoch", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
            "perf/data_wait_s", "perf/peak_memory_gib", "checkpoint/save_s", "val/loss", "val/accuracy"}
@@ -46,18 +40,15 @@ def raw_steps(run_dir: Path, tag: str) -> list[int]:
 
 
 def test_tensorboard_has_every_metric_and_wandb_keeps_one_run_across_a_resume(tmp_path):
-    (tmp_path / "m.yaml").write_text(RECIPE)
-    run_dir = tmp_path / "run"
-    args = (str(tmp_path / "m.yaml"), "--gpus", "2", "--run-dir", str(run_dir), "logging.wandb=true",
-            "logging.wandb_mode=offline", "logging.wandb_project=tests", "model._target_=components.KillableMLP")
+    recipe = write_recipe(tmp_path, *RECIPE, name="m.yaml")
+    args = ("logging.wandb=true", "logging.wandb_mode=offline", "logging.wandb_project=tests",
+            "model._target_=components.KillableMLP")
     # rank 1 dies in step 7 (its 11th forward: validation at step 4 made 4): step 6 was logged, the newest
     # checkpoint is step 4
-    env = launch_env(WANDB_SILENT="true", KILL_AT_STEP="11", KILL_RANK="1", KILL_MARKER=str(tmp_path / "killed"))
-    first = run_launch(*args, cwd=tmp_path, env=env)
-    assert first.returncode == 1, first.stderr[-3000:]
+    env = {"WANDB_SILENT": "true", "KILL_AT_STEP": "11", "KILL_RANK": "1", "KILL_MARKER": str(tmp_path / "killed")}
+    _, run_dir = launch(tmp_path, recipe, *args, env=env, expect=1)
     run_id = (run_dir / "wandb-run-id").read_text().strip()
-    second = run_launch(*args, cwd=tmp_path, env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second, _ = launch(tmp_path, recipe, *args, env=env)
     assert "step-000000004: step 4" in second.stdout and f"(id {run_id}, offline mode)" in second.stdout
     # not a terminal: plain progress lines, no bar
     assert re.search(r"^step 6/8 \| epoch 0 \| loss \d\.\d{4} \| lr 0\.001 \| \d+ samples/s$", second.stdout, re.M)
@@ -81,9 +72,9 @@ def test_tensorboard_has_every_metric_and_wandb_keeps_one_run_across_a_resume(tm
 
 
 def test_progress_bar_on_a_terminal(tmp_path):
-    (tmp_path / "m.yaml").write_text(RECIPE)
+    recipe = write_recipe(tmp_path, *RECIPE, name="m.yaml")
     main, child = pty.openpty()
-    proc = subprocess.Popen([LAUNCH, str(tmp_path / "m.yaml"), "--gpus", "2", "--run-dir", str(tmp_path / "run"),
+    proc = subprocess.Popen([LAUNCH, recipe, "--gpus", "2", "--run-dir", str(tmp_path / "run"),
                              "logging.tensorboard=false"], cwd=tmp_path, env=launch_env(), stdin=child,
                             stdout=child, stderr=child)
     os.close(child)

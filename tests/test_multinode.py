@@ -13,19 +13,11 @@ import sys
 import pytest
 import torch
 
-from conftest import LAUNCH, checkpoint_params, launch_env, require, run_launch
+from conftest import LAUNCH, checkpoint_params, launch, launch_env, require, write_recipe
 from s3 import free_port
 
-RECIPE = """\
-seed: 5
-model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4, dropout: 0.2}
-data:
-  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 256}
-  batch_size: 16
-  num_workers: 0
-trainer: {max_steps: 10, log_every_steps: 1}
-checkpoint: {every_steps: 1000, keep: 0}
-"""
+# conftest.BASE with these changes
+RECIPE = ("seed=5", "model.dropout=0.2", "trainer.max_steps=10", "checkpoint.every_steps=1000")
 
 
 def ip(*args: str) -> None:
@@ -60,13 +52,12 @@ def two_hosts():
 
 
 def test_two_hosts_train_like_one_host_with_four_processes(tmp_path, two_hosts):
-    recipe = tmp_path / "exp.yaml"
-    recipe.write_text(RECIPE)
+    recipe = write_recipe(tmp_path, *RECIPE)
     endpoint = f"{two_hosts[0][1]}:{free_port()}"
     run_dir = tmp_path / "run"
     procs = []
     for ns, _ in two_hosts:
-        cmd = ["ip", "netns", "exec", ns, LAUNCH, str(recipe), "--nodes", "2", "--gpus", "2", "--rdzv-endpoint",
+        cmd = ["ip", "netns", "exec", ns, LAUNCH, recipe, "--nodes", "2", "--gpus", "2", "--rdzv-endpoint",
                endpoint, "--run-dir", str(run_dir), "launch.rdzv_timeout_s=60"]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -83,9 +74,7 @@ def test_two_hosts_train_like_one_host_with_four_processes(tmp_path, two_hosts):
         nodes_of[rank] = line.split(" node ")[1].split()[0]
     assert nodes_of[0] == nodes_of[1] != nodes_of[2] == nodes_of[3], nodes_of
 
-    one = tmp_path / "one"
-    r = run_launch(str(recipe), "--gpus", "4", "--run-dir", str(one), cwd=tmp_path, timeout=240)
-    assert r.returncode == 0, r.stderr
+    _, one = launch(tmp_path, recipe, run="one", gpus=4, timeout=240)
     two_hosts_params = checkpoint_params(run_dir / "checkpoints" / "step-000000010")
     one_host_params = checkpoint_params(one / "checkpoints" / "step-000000010")
     for k in one_host_params:
@@ -97,10 +86,9 @@ def test_two_nodes_on_one_host_meet_and_one_of_them_hosts_the_store(tmp_path):
     same recipe and endpoint, a run directory each, a shared checkpoint directory. Exactly one agent hosts the
     rendezvous store, whether they start together or not; the short rendezvous timeout makes a pair that never
     meets fail fast."""
-    recipe = tmp_path / "exp.yaml"
-    recipe.write_text(RECIPE)
+    recipe = write_recipe(tmp_path, *RECIPE)
     endpoint = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([LAUNCH, str(recipe), "--nodes", "2", "--gpus", "1", "--rdzv-endpoint", endpoint,
+    procs = [subprocess.Popen([LAUNCH, recipe, "--nodes", "2", "--gpus", "1", "--rdzv-endpoint", endpoint,
                                "--run-dir", str(tmp_path / f"node{n}"), f"checkpoint.dir={tmp_path / 'ckpt'}",
                                "launch.rdzv_timeout_s=20"], cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for n in range(2)]

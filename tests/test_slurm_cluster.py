@@ -15,22 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, checkpoint_params, launch_env, require, run_launch
+from conftest import ROOT, checkpoint_params, launch, require, run_launch, write_recipe
 
 pytestmark = pytest.mark.slurm
 
-RECIPE = """\
-seed: 11
-model: {_target_: components.KillableMLP, in_features: 32, hidden: 16, out_features: 4, dropout: 0.2,
-        step_sleep: %(sleep)s}
-data:
-  train: {_target_: launcher.zoo.datasets.SyntheticClassification, num_samples: 512}
-  batch_size: 8
-  num_workers: 1
-trainer: {max_steps: %(steps)d, log_every_steps: 1, device: cpu}
-checkpoint: {every_steps: 1000, keep: 0}
-slurm: {time_min: %(time_min)d, signal_grace_s: %(grace)d, max_requeues: %(requeues)d}
-"""
+# conftest.BASE with these changes; tests change trainer.max_steps (12), model.step_sleep and slurm.* further
+JOB = ("seed=11", "model.dropout=0.2", "model.step_sleep=0.0", "data.train.num_samples=512", "data.batch_size=8",
+       "data.num_workers=1", "trainer.device=cpu", "checkpoint.every_steps=1000",
+       "slurm={time_min: 10, signal_grace_s: 30, max_requeues: 3}")
 
 
 @pytest.fixture(scope="session")
@@ -43,24 +35,17 @@ def slurm_cluster():
     subprocess.run([str(ROOT / "slurm" / "cluster.sh"), "stop"], capture_output=True, text=True, timeout=120)
 
 
-def write(tmp_path: Path, steps: int = 12, sleep: float = 0.0, time_min: int = 10, grace: int = 30,
-          requeues: int = 3) -> str:
-    p = tmp_path / "job.yaml"
-    p.write_text(RECIPE % dict(steps=steps, sleep=sleep, time_min=time_min, grace=grace, requeues=requeues))
-    return str(p)
-
-
 def job_id(run_dir: Path) -> str:
     return json.loads((run_dir / "launch.json").read_text())["job_id"]
 
 
 def state(job: str) -> str:
-    from launcher.backends.slurm import job_state
+    from launcher.backends.slurm_state import job_state
     return job_state(job)
 
 
 def wait_state(job: str, final: set[str], timeout: float, settle: float = 10) -> str:
-    from launcher.backends.slurm import wait_state as wait
+    from launcher.backends.slurm_state import wait_state as wait
     return wait(job, final, timeout, settle)
 
 
@@ -73,12 +58,11 @@ def metrics_step(run_dir: Path) -> int:
 
 
 def test_two_node_job_trains_with_right_ranks(slurm_cluster, tmp_path):
-    run_dir = tmp_path / "run"
     secret = "tok-slurm-3b9d27c1"  # given by reference: the job's ranks resolve it, nothing written holds it
-    r = run_launch(write(tmp_path), "--nodes", "2", "--gpus", "2", "--slurm", "--wait", "--run-dir", str(run_dir),
-                   "data.train._target_=components.TokenDataset", "data.train.token=${oc.env:FAKE_TOKEN}",
-                   cwd=tmp_path, timeout=300, env=launch_env(FAKE_TOKEN=secret, EXPECTED_TOKEN=secret))
-    assert r.returncode == 0, r.stdout + r.stderr
+    recipe = write_recipe(tmp_path, *JOB, name="job.yaml")
+    r, run_dir = launch(tmp_path, recipe, "--nodes", "2", "--slurm", "--wait",
+                        "data.train._target_=components.TokenDataset", "data.train.token=${oc.env:FAKE_TOKEN}",
+                        timeout=300, env={"FAKE_TOKEN": secret, "EXPECTED_TOKEN": secret})
     assert not [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert "${oc.env:FAKE_TOKEN}" in (run_dir / "config.yaml").read_text()
     assert re.search(r"submitted SLURM job \d+ \(2 nodes x 2 processes\)", r.stderr)
@@ -103,10 +87,8 @@ def reference(slurm_cluster, tmp_path_factory) -> Path:
     """The job that the interrupted ones must equal, run once, uninterrupted. It runs with the default
     trainer.device=auto on the test cluster's GPU-less partition: no GPUs asked for, CPU processes."""
     tmp = tmp_path_factory.mktemp("reference")
-    ref = tmp / "ref"
-    r = run_launch(write(tmp, steps=STEPS, sleep=0.15), "--nodes", "2", "--gpus", "2", "--slurm", "--wait",
-                   "trainer.device=auto", "--run-dir", str(ref), cwd=tmp, timeout=300)
-    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(tmp, *JOB, f"trainer.max_steps={STEPS}", "model.step_sleep=0.15", name="job.yaml")
+    r, ref = launch(tmp, recipe, "--nodes", "2", "--slurm", "--wait", "trainer.device=auto", run="ref", timeout=300)
     assert "launch: partition debug has no GPUs: the job runs 2 CPU processes per node with gloo" in r.stderr, \
         r.stderr
     script = next((ref / "slurm" / job_id(ref)).glob("*_submission.sh")).read_text()
@@ -134,10 +116,8 @@ def test_signals_to_the_whole_job_checkpoint_requeue_and_resume_exactly(slurm_cl
     at a random moment; after the requeue, SIGTERM (a preemption without a user signal). Each time every rank
     writes one committed checkpoint and the job requeues; the end equals the uninterrupted job."""
     rng = random.Random(3)
-    run_dir = tmp_path / "run"
-    r = run_launch(write(tmp_path, steps=STEPS, sleep=0.15), "--nodes", "2", "--gpus", "2", "--slurm",
-                   "--run-dir", str(run_dir), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(tmp_path, *JOB, f"trainer.max_steps={STEPS}", "model.step_sleep=0.15", name="job.yaml")
+    _, run_dir = launch(tmp_path, recipe, "--nodes", "2", "--slurm")
     job = job_id(run_dir)
     first = rng.randint(2, 10)
     wait_for(f"step {first}", lambda: metrics_step(run_dir) >= first, job)
@@ -173,10 +153,8 @@ def test_signals_to_the_whole_job_checkpoint_requeue_and_resume_exactly(slurm_cl
 def test_signal_while_workers_start_is_not_lost(slurm_cluster, tmp_path):
     """A preemption signal that comes while the node tasks are still starting (before any worker exists) must
     neither kill them (SIGUSR2's default action) nor be forgotten: the job checkpoints, requeues and finishes."""
-    run_dir = tmp_path / "run"
-    r = run_launch(write(tmp_path, steps=6), "--nodes", "2", "--gpus", "2", "--slurm", "--run-dir", str(run_dir),
-                   cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(tmp_path, *JOB, "trainer.max_steps=6", name="job.yaml")
+    _, run_dir = launch(tmp_path, recipe, "--nodes", "2", "--slurm")
     job = job_id(run_dir)
     # signal as soon as both node tasks are up (submitit's first line), before they start any worker
     outs = [run_dir / "slurm" / job / f"{job}_{node}_log.out" for node in (0, 1)]
@@ -196,12 +174,11 @@ def test_signal_while_workers_start_is_not_lost(slurm_cluster, tmp_path):
 
 
 def test_time_limit_shorter_than_training_finishes_across_allocations(slurm_cluster, tmp_path):
-    run_dir = tmp_path / "run"
     # SLURM sends the signal at its first check after (end - grace - 30 s): with a 60 s limit and a 10 s grace,
     # 20 to 50 s into each allocation, so one allocation trains 13 to 43 s. 52 s of steps need 2 or more.
-    recipe = write(tmp_path, steps=260, sleep=0.2, time_min=1, grace=10, requeues=8)
-    r = run_launch(recipe, "--nodes", "2", "--gpus", "2", "--slurm", "--run-dir", str(run_dir), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(tmp_path, *JOB, "trainer.max_steps=260", "model.step_sleep=0.2", "slurm.time_min=1",
+                          "slurm.signal_grace_s=10", "slurm.max_requeues=8", name="job.yaml")
+    _, run_dir = launch(tmp_path, recipe, "--nodes", "2", "--slurm")
     job = job_id(run_dir)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600) == "COMPLETED"
     assert metrics_step(run_dir) == 260
@@ -210,27 +187,21 @@ def test_time_limit_shorter_than_training_finishes_across_allocations(slurm_clus
 
 
 def test_bad_partition_surfaces_sbatch_error(slurm_cluster, tmp_path):
-    r = run_launch(write(tmp_path), "--nodes", "2", "--gpus", "2", "--slurm", "slurm.partition=nope",
-                   "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
-    assert r.returncode == 2
+    recipe = write_recipe(tmp_path, *JOB, name="job.yaml")
+    r, _ = launch(tmp_path, recipe, "--nodes", "2", "--slurm", "slurm.partition=nope", expect=2)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("launch: error:")]
     assert len(lines) == 1 and "sbatch refused the job" in lines[0] and "partition" in lines[0].lower(), r.stderr
-    r = run_launch(write(tmp_path), "--nodes", "5", "--gpus", "2", "--slurm", "--run-dir", str(tmp_path / "r2"),
-                   cwd=tmp_path)
-    assert r.returncode == 2 and "sbatch refused the job" in r.stderr, r.stderr
-    r = run_launch(write(tmp_path), "--nodes", "2", "--gpus", "2", "--slurm", "trainer.device=cuda",
-                   "--run-dir", str(tmp_path / "r3"), cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
+    r, _ = launch(tmp_path, recipe, "--nodes", "5", "--slurm", run="r2", expect=2)
+    assert "sbatch refused the job" in r.stderr, r.stderr
+    r, _ = launch(tmp_path, recipe, "--nodes", "2", "--slurm", "trainer.device=cuda", run="r3", expect=2)
     assert "launch: error: partition debug has no GPUs: set trainer.device=cpu, or pick a GPU partition" in r.stderr
 
 
 def test_status_and_a_cancel_right_after_the_preemption_checkpoint_wins(slurm_cluster, tmp_path):
     """`launch cancel` while the job has just checkpointed for a preemption and is about to requeue itself: the job
     ends CANCELLED and never comes back (a requeued job would run again ~12 s later here)."""
-    run_dir = tmp_path / "run"
-    r = run_launch(write(tmp_path, steps=2000, sleep=0.1), "--nodes", "2", "--gpus", "2", "--slurm",
-                   "--run-dir", str(run_dir), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(tmp_path, *JOB, "trainer.max_steps=2000", "model.step_sleep=0.1", name="job.yaml")
+    _, run_dir = launch(tmp_path, recipe, "--nodes", "2", "--slurm")
     job = job_id(run_dir)
     wait_for("step 2", lambda: metrics_step(run_dir) >= 2, job)
     s = run_launch("status", str(run_dir), cwd=tmp_path)

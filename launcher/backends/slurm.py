@@ -29,7 +29,7 @@ from ..files import write_atomic
 from . import slurm_node
 from .plan import Options
 from .slurm_node import NodeTask  # submitit's pickles of earlier submissions name launcher.backends.slurm.NodeTask
-from .slurm_state import CANCEL_MARKER, FINAL, job_state, wait_state  # noqa: F401 (launch status/cancel, bench)
+from .slurm_state import FINAL, wait_state
 
 SUBMIT_DIR = "slurm"  # under the run directory: submitit's pickles and the tasks' stdout/stderr
 
