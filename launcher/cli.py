@@ -32,6 +32,7 @@ examples:
   launch my_train.py --gpus 2 -- --lr 0.1       (a plain torchrun-style script)
   launch recipe.yaml --nodes 2 --gpus 8 --rdzv-endpoint node1:29500   (on each of the 2 nodes)
   launch --explain                              (all recipe keys)
+  launch doctor recipe.yaml --gpus 2            (preflight checks: overfit one batch, collectives, storage)
   launch recipe.yaml --nodes 2 --gpus 8 --slurm                       (a SLURM job; --dry-run shows the sbatch script)
   launch status runs/NAME                       (SLURM state, progress, last checkpoint, logs)
   launch cancel runs/NAME
@@ -116,6 +117,9 @@ def _ckpt(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     if argv and argv[0] == "ckpt":
         return _ckpt(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .doctor.command import main as doctor
+        return doctor(argv[1:])
     if argv and argv[0] == "status":
         return _status(argv[1:])
     if argv and argv[0] == "cancel":

@@ -3,6 +3,9 @@ it hurts most (say, between writing checkpoint shards and the commit). Off unles
 
     LAUNCHER_FAULT=<point>:<step>:<rank>            e.g. save.after_shards:8:1  (SIGKILL rank 1 there at step 8)
     LAUNCHER_FAULT=<point>:<step>:<rank>:<file>     create <file> there and wait 3 s (a test acts meanwhile)
+
+`active(point, step, rank)` only says whether the variable names this point: the code there plants the fault itself
+(the doctor's late rank or wrong sum). Several faults: separated by commas.
 """
 
 from __future__ import annotations
@@ -10,6 +13,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+
+def active(name: str, step: int, rank: int) -> bool:
+    for spec in filter(None, os.environ.get("LAUNCHER_FAULT", "").split(",")):
+        where, at_step, at_rank, *_ = spec.split(":", 3)
+        if where == name and int(at_step) == step and int(at_rank) == rank:
+            return True
+    return False
 
 
 def point(name: str, step: int, rank: int) -> None:

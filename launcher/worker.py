@@ -154,7 +154,10 @@ def main(argv: list[str] | None = None) -> None:
              memory)
     failed = False
     try:
-        if cfg.script.path or cfg.script.module:
+        if os.environ.get("LAUNCHER_DOCTOR"):  # `launch doctor`: the checks instead of training
+            from .doctor.ranks import run as doctor
+            doctor(cfg, run_dir)
+        elif cfg.script.path or cfg.script.module:
             run_script(cfg)
         else:
             from .trainer import train

@@ -222,3 +222,42 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.inner[i]
+
+
+class UnusedHeadMLP(nn.Module):
+    """An MLP with a second head that forward never uses (a classic: a head left over from another task)."""
+
+    def __init__(self, in_features: int = 32, out_features: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Linear(in_features, out_features)
+        self.aux_head = nn.Linear(in_features, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BiasOnly(nn.Module):
+    """Logits that ignore the input (a learnable bias): the loss on one batch cannot fall far below its start."""
+
+    def __init__(self, out_features: int = 4) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1)
+
+
+class NaNAfter(nn.Module):
+    """A linear model whose output turns NaN at forward call `step` on rank `rank`."""
+
+    def __init__(self, in_features: int = 32, out_features: int = 4, step: int = 3, rank: int = 1) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_features, out_features)
+        self.calls, self.step, self.rank = 0, step, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.lin(x)
+        if self.calls >= self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            out = out * float("nan")
+        return out

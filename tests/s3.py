@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -176,3 +177,64 @@ def _no_proxy_hosts(host: str) -> str:
 
 def _no_proxy_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ReadOnlyGateway:
+    """An S3 endpoint that refuses writes, as a bucket policy or a read-only key does: it passes GET and HEAD on to
+    `server` and answers every PUT, POST and DELETE with S3's 403 AccessDenied. Run in a thread on a free port."""
+
+    DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
+              b'</Message></Error>')
+
+    def __init__(self, server: S3Server, host: str = "127.0.0.1") -> None:
+        import http.server
+        import threading
+
+        upstream = server.endpoint
+        opener = _no_proxy_opener()
+        denied = self.DENIED
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _refuse(self) -> None:
+                if self.headers.get("Expect", "").lower() == "100-continue":
+                    self.close_connection = True  # refused before the body is sent, as S3 does
+                else:
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(denied)))
+                self.end_headers()
+                self.wfile.write(denied)
+
+            do_PUT = do_POST = do_DELETE = _refuse
+
+            def _forward(self) -> None:
+                req = urllib.request.Request(upstream + self.path, method=self.command,
+                                             headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                try:
+                    resp = opener.open(req, timeout=10)
+                    status, headers, body = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, body = e.code, e.headers, e.read()
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = _forward
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.endpoint = f"http://{host}:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -127,6 +127,17 @@ class Storage:
         self._fs.pipe_file(self._strip(path), data)
         self._invalidate(path)
 
+    def write_bytes(self, path: str, data: bytes, part_size: int | None = None) -> None:
+        """Write a file as a checkpoint shard is written: a stream (on object stores in parts of `part_size`
+        bytes, a multipart upload once the data is larger)."""
+        if not self.remote:
+            write_atomic(path, data)
+            return
+        kwargs = {"block_size": part_size} if part_size else {}
+        with self._fs.open(self._strip(path), "wb", **kwargs) as f:
+            f.write(data)
+        self._invalidate(path)
+
     def remove_tree(self, path: str) -> None:
         if not self.remote:
             shutil.rmtree(path, ignore_errors=True)

@@ -111,6 +111,9 @@ class TrainerSection:
                                                     "min")
     early_stop_patience: Optional[int] = doc("Stop when `monitor` has not improved for this many validations.",
                                              None)
+    overfit_batches: Optional[int] = doc(
+        "Train on N fixed batches per rank: the first N x batch_size x world size samples, in order, every epoch "
+        "(to watch the model memorise them; `launch doctor` checks one batch with a verdict).", None)
     grad_accum_steps: int = doc("Micro-batches per optimizer step; gradients are synchronised only on the last "
                                 "(DDP no_sync). Effective batch = batch_size x world size x this.", 1)
     compile: bool = doc("Compile the DDP model with torch.compile (graphs split at DDP's gradient buckets, so "

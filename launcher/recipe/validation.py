@@ -202,6 +202,7 @@ def semantic_problems(cfg: DictConfig, source: str, lines: dict[str, int]) -> li
     positive("trainer.val_every_steps")
     positive("trainer.val_every_epochs")
     positive("trainer.early_stop_patience")
+    positive("trainer.overfit_batches")
     positive("data.val_batch_size")
     positive("checkpoint.keep_best", allow_none=False, minimum=0)
     if cfg.data.val is None:

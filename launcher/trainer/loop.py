@@ -22,7 +22,8 @@ from .. import finetune as ft
 from .. import procs
 from ..checkpoint.checkpointer import Checkpointer, Position
 from ..monitor import Progress, peak_memory_gib
-from . import setup
+from .setup import (Precision, build_loaders, build_loss, build_model, build_optimizer, deterministic_kernels,
+                    to_device)
 from .ddp import DDPModel
 from .decisions import Group, epoch_position, grouped, log_due, validation_due
 from .state import EarlyStopping, Unfreeze
@@ -74,7 +75,7 @@ class Trainer:
         self.stop_every_step = dist.agree_every_step(self.device)
 
     def _setup_model(self) -> None:
-        self.model = setup.build_model(self.cfg, self.info, self.device)
+        self.model = build_model(self.cfg, self.info, self.device)
         self.unfreeze = Unfreeze(self.model, self.cfg.finetune, self.info.is_main)
         if self.info.is_main:
             log.info("parameters by module:\n%s", ft.parameter_table(self.model))
@@ -83,14 +84,14 @@ class Trainer:
         self.ddp_model = DDPModel(self.model, self.device, self.compile_options, self.info.is_main)
 
     def _setup_optimizer(self) -> None:
-        self.optimizer, self.scheduler = setup.build_optimizer(self.cfg, self.model,
+        self.optimizer, self.scheduler = build_optimizer(self.cfg, self.model,
                                                                self.unfreeze.after_epochs is not None)
-        self.precision = setup.Precision(str(self.cfg.trainer.precision), self.device)
+        self.precision = Precision(str(self.cfg.trainer.precision), self.device)
         self.scaler = self.precision.scaler
-        self.loss_fn = setup.build_loss(self.cfg, self.device)
+        self.loss_fn = build_loss(self.cfg, self.device)
 
     def _setup_data(self) -> None:
-        self.loader, self.val_loader = setup.build_loaders(self.cfg, self.info, self.device)
+        self.loader, self.val_loader = build_loaders(self.cfg, self.info, self.device)
         self.sampler: data_mod.DistributedSampler = self.loader.sampler  # type: ignore[assignment]
 
     def _setup_checkpointer(self) -> None:
@@ -246,7 +247,7 @@ class Trainer:
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise TypeError(f"a training batch must be (inputs, targets); the dataset gave {type(batch).__name__}"
                             f"{' of ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
-        return setup.to_device(batch, self.device, self.channels_last)
+        return to_device(batch, self.device, self.channels_last)
 
     def optimizer_step(self, measure_norm: bool = False) -> None:
         """Clip, step the optimizer and scheduler, clear the gradients. The global gradient norm is kept when
@@ -388,7 +389,7 @@ class Trainer:
 def train(cfg: DictConfig, run_dir: str) -> None:
     """Everything a rank does for a recipe with the built-in trainer, after logging is set up."""
     if cfg.trainer.deterministic:
-        setup.deterministic_kernels()
+        deterministic_kernels()
     device = dist.choose_device(cfg.trainer.device)
     info = dist.init(device)
     joined_at = time.time()

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import data as data_mod
 from .. import finetune as ft
@@ -83,11 +83,26 @@ def build_loaders(cfg: DictConfig, info: RankInfo, device: torch.device) -> tupl
     """This rank's training loader (a resumable DistributedSampler) and validation loader (None without
     data.val)."""
     pin = device.type == "cuda"
-    train = data_mod.build_loader(cfg.data, instantiate(cfg.data.train, key="data.train"), seed=cfg.seed, info=info,
-                                  pin_memory=pin)
+    dataset, data_cfg = instantiate(cfg.data.train, key="data.train"), cfg.data
+    if cfg.trainer.overfit_batches:
+        dataset, data_cfg = _fixed_batches(dataset, data_cfg, int(cfg.trainer.overfit_batches), info)
+    train = data_mod.build_loader(data_cfg, dataset, seed=cfg.seed, info=info, pin_memory=pin)
     val = (data_mod.build_eval_loader(cfg.data, instantiate(cfg.data.val, key="data.val"), info=info, pin_memory=pin)
            if cfg.data.val is not None else None)
     return train, val
+
+
+def _fixed_batches(dataset: Any, data_cfg: DictConfig, n: int, info: RankInfo) -> tuple[Any, DictConfig]:
+    """trainer.overfit_batches: the first n x batch x world samples, unshuffled, so each rank sees the same n
+    batches every epoch."""
+    from torch.utils.data import Subset
+
+    take = min(len(dataset), n * int(data_cfg.batch_size) * info.world_size)
+    if info.is_main:
+        log.info("trainer.overfit_batches=%d: training on %d fixed samples (%d batches per rank), in order", n,
+                 take, n)
+    fixed = OmegaConf.merge(data_cfg, {"shuffle": False})
+    return Subset(dataset, range(take)), fixed
 
 
 class Precision:
