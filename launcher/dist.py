@@ -205,6 +205,15 @@ def teardown(abort: bool = False) -> None:
         log.info("process group destroyed")
 
 
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] without a process group of several."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -261,3 +261,61 @@ class NaNAfter(nn.Module):
         if self.calls >= self.step and int(os.environ.get("RANK", "0")) == self.rank:
             out = out * float("nan")
         return out
+
+
+class FlawedDataset(Dataset):
+    """SyntheticClassification with planted flaws for the doctor's data check: item `raise_at` raises ValueError,
+    item `odd_at` has `odd_features` features instead of num_features, and every item first sleeps `sleep_s` (a
+    slow disk or network: the loader waits, the CPU does not work)."""
+
+    def __init__(self, num_samples: int = 256, num_features: int = 32, raise_at: int | None = None,
+                 odd_at: int | None = None, odd_features: int = 31, sleep_s: float = 0.0) -> None:
+        from launcher.zoo.datasets import SyntheticClassification
+        self.base = SyntheticClassification(num_samples=num_samples, num_features=num_features)
+        self.raise_at, self.odd_at, self.odd_features, self.sleep_s = raise_at, odd_at, odd_features, sleep_s
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        if self.sleep_s:
+            import time
+            time.sleep(self.sleep_s)
+        if i == self.raise_at:
+            raise ValueError(f"corrupt record {i}: checksum mismatch")
+        x, y = self.base[i]
+        return (x[: self.odd_features] if i == self.odd_at else x), y
+
+
+class KeepsOutputMLP(nn.Module):
+    """An MLP whose forward keeps every output, with its graph, in a list (what `history.append(loss)` does in a
+    training loop): its memory grows every step by the outputs it keeps (batch x out_features floats)."""
+
+    def __init__(self, in_features: int = 32, hidden: int = 16, out_features: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.history.append(out)
+        return out
+
+
+class WideActivations(nn.Module):
+    """Megabytes of activations per sample for a megabyte of parameters: each sample's features repeated `expand`
+    times and scaled (4 x expand x in_features bytes a copy), so that a memory budget can fall between two batch
+    sizes. On rank `ballast_rank` it also holds `ballast_mb` MB that the other ranks do not: less room there only."""
+
+    def __init__(self, in_features: int = 32, out_features: int = 4, expand: int = 8192, ballast_mb: int = 0,
+                 ballast_rank: int = 1) -> None:
+        super().__init__()
+        self.expand = expand
+        self.scale = nn.Parameter(torch.ones(in_features * expand))
+        self.head = nn.Linear(in_features, out_features)
+        mine = int(os.environ.get("RANK", "0")) == ballast_rank
+        self.ballast = torch.ones(ballast_mb << 18) if ballast_mb and mine else None  # not a buffer: rank 1's own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x.repeat(1, self.expand) * self.scale)
+        return self.head(h.view(x.shape[0], self.expand, -1).mean(1))

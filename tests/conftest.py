@@ -3,7 +3,11 @@ where checkpoints go (`store`), and no silent skips under CI."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +183,45 @@ def store_kind(request):
 @pytest.fixture
 def store(store_kind, tmp_path, s3_server):
     return Store(store_kind, tmp_path, s3_server)
+
+
+# ----------------------------------------------------------------------------------------------- the SLURM cluster
+CLUSTER = [str(ROOT / "slurm" / "cluster.sh")]
+_CLUSTER_USERS = Path("/tmp/launcher-tests-slurm-users.json")  # pids of the test processes using the cluster
+
+
+@contextlib.contextmanager
+def _cluster_users():
+    """The list of processes using the cluster, read and written under a lock shared by the test workers."""
+    with open(f"{_CLUSTER_USERS}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        users = json.loads(_CLUSTER_USERS.read_text()) if _CLUSTER_USERS.exists() else []
+        alive = []
+        for pid in users:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except OSError:
+                pass  # a worker of a run that was killed
+        yield alive
+        _CLUSTER_USERS.write_text(json.dumps(alive))
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The one-machine SLURM cluster (slurm/cluster.sh: slurmctld, slurmdbd, two slurmd), shared by every module
+    that needs it on any test worker: started by the first, stopped when the last one leaves (a module on the other
+    worker may still be submitting jobs when this one ends)."""
+    require(os.geteuid() == 0 and shutil.which("apt-get") is not None,
+            "the SLURM tests stand up a cluster with slurm/cluster.sh, which needs root and apt-get")
+    with _cluster_users() as users:
+        up = subprocess.run([*CLUSTER, "status"], capture_output=True, text=True, timeout=120).returncode == 0
+        if not up:
+            r = subprocess.run([*CLUSTER, "start"], capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, f"slurm/cluster.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        users.append(os.getpid())
+    yield
+    with _cluster_users() as users:
+        users.remove(os.getpid())
+        if not users:
+            subprocess.run([*CLUSTER, "stop"], capture_output=True, text=True, timeout=120)

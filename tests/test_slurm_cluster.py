@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, checkpoint_params, launch, require, run_launch, write_recipe
+from conftest import checkpoint_params, launch, run_launch, write_recipe
 
 pytestmark = pytest.mark.slurm
 
@@ -23,16 +21,6 @@ pytestmark = pytest.mark.slurm
 JOB = ("seed=11", "model.dropout=0.2", "model.step_sleep=0.0", "data.train.num_samples=512", "data.batch_size=8",
        "data.num_workers=1", "trainer.device=cpu", "checkpoint.every_steps=1000",
        "slurm={time_min: 10, signal_grace_s: 30, max_requeues: 3}")
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    require(os.geteuid() == 0 and shutil.which("apt-get") is not None,
-            "the SLURM tests stand up a cluster with slurm/cluster.sh, which needs root and apt-get")
-    r = subprocess.run([str(ROOT / "slurm" / "cluster.sh"), "start"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"slurm/cluster.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    yield
-    subprocess.run([str(ROOT / "slurm" / "cluster.sh"), "stop"], capture_output=True, text=True, timeout=120)
 
 
 def job_id(run_dir: Path) -> str:

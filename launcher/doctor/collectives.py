@@ -9,19 +9,11 @@ import time
 import torch
 import torch.distributed as tdist
 
-from .. import faults
+from .. import dist, faults
 from ..dist import RankInfo
 from .report import FAIL, PASS, WARN, Result
 
 LATE_S = 1.0  # a rank that reaches the first collective this much after the first rank is named as late
-
-
-def _gather(obj: object, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out: list = [None] * world
-    tdist.all_gather_object(out, obj)
-    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -35,7 +27,7 @@ def check(info: RankInfo, device: torch.device, mib: int = 64, repeats: int = 5)
     if faults.active("doctor.late", 0, info.rank):
         time.sleep(2 * LATE_S)
     arrived = time.time()
-    arrivals = _gather(arrived, world)  # the first collective: it waits for the last rank
+    arrivals = dist.gather_objects(arrived)  # the first collective: it waits for the last rank
     n = mib * 2**20 // 4
     x = torch.full((n,), float(info.rank + 1), dtype=torch.float32, device=device)
     if faults.active("doctor.wrong_input", 0, info.rank):
@@ -55,8 +47,8 @@ def check(info: RankInfo, device: torch.device, mib: int = 64, repeats: int = 5)
     if faults.active("doctor.wrong_sum", 0, info.rank):
         y[n // 2] += 1
     wrong = int((y != expected).sum())
-    reports = _gather({"rank": info.rank, "host": info.host, "sent": sent, "wrong": wrong,
-                       "seconds": sorted(times)[len(times) // 2]}, world)
+    reports = dist.gather_objects({"rank": info.rank, "host": info.host, "sent": sent, "wrong": wrong,
+                                   "seconds": sorted(times)[len(times) // 2]})
     seconds = round(time.perf_counter() - t_start, 2)
     bad_senders = [r for r in reports if r["sent"] != r["rank"] + 1]
     bad_receivers = [r for r in reports if r["wrong"]]

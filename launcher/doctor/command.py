@@ -17,8 +17,8 @@ from .. import __version__
 from ..errors import RecipeError, UsageError
 from .report import CHECKS, EXIT_BAD_RECIPE, FAIL, PASS, SKIP, Result, exit_code, table, write_json
 
-RANK_CHECKS = tuple(c for c in CHECKS if c != "recipe")
-NEEDS_TRAINER = ("overfit", "finite")
+RANK_CHECKS = tuple(c for c in CHECKS if c not in ("recipe", "slurm"))
+NEEDS_TRAINER = ("overfit", "finite", "memory", "batch_size", "data")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous, for several nodes (as for launch)")
     p.add_argument("--run-dir", help="the run directory (default: the recipe's); doctor.json goes there")
     p.add_argument("--only", help="comma-separated checks to run: " + ",".join(CHECKS))
+    p.add_argument("--slurm", action="store_true", help="check the recipe's SLURM job against the cluster "
+                   "(sbatch --test-only) from a login node")
+    p.add_argument("--memory-budget", help="memory per rank the batch-size probe may use on the CPU, e.g. 8G "
+                   "(default: the machine's or the SLURM allocation's memory per rank)")
     p.add_argument("--overfit-steps", type=int, default=200, help="most steps on the fixed batch (default 200)")
     p.add_argument("--overfit-target", type=float, default=0.2,
                    help="the loss must fall to this fraction of its first value (default 0.2)")
@@ -71,9 +75,15 @@ def main(argv: list[str]) -> int:
         results += [Result(c, SKIP, "", "the recipe runs its own script; this check needs the built-in trainer")
                     for c in ranked if c in NEEDS_TRAINER]
         ranked = [c for c in ranked if c not in NEEDS_TRAINER]
-    if cfg.backend == "slurm":
-        raise UsageError("launch doctor runs the checks on this machine's processes: drop --slurm / backend=slurm "
-                         "(inside a SLURM allocation, run it with srun on every node like launch)")
+    if "slurm" in checks:
+        from . import slurm as slurm_check
+        found = slurm_check.check(cfg, submit=a.slurm or cfg.backend == "slurm")
+        if found is not None:  # None: neither inside an allocation nor asked to check a submission
+            results.append(found)
+    if (a.slurm or cfg.backend == "slurm") and ranked and not os.environ.get("SLURM_JOB_ID"):
+        results += [Result(c, SKIP, "", "run `launch doctor` inside the job's allocation (salloc, or srun on each "
+                           "node) for the checks on its ranks") for c in ranked]
+        ranked = []
     if ranked:
         results += _on_ranks(cfg, run_dir, ranked, a, local, Options, recipe)
     print(table(results))
@@ -81,7 +91,9 @@ def main(argv: list[str]) -> int:
     write_json(os.path.join(run_dir, "doctor.json"), results, recipe=os.path.abspath(a.recipe),
                launcher_version=__version__, world_size=int(cfg.launch.nodes) * int(cfg.launch.gpus_per_node or 1),
                seconds=round(time.perf_counter() - t0, 2))
-    print(f"launch doctor: {os.path.join(run_dir, 'doctor.json')}", file=sys.stderr)
+    from . import pictures
+    drawn = pictures.write(os.path.join(run_dir, "doctor.png"), results)
+    print(f"launch doctor: {os.path.join(run_dir, 'doctor.json')}" + (f", {drawn}" if drawn else ""), file=sys.stderr)
     return exit_code(results)
 
 
@@ -96,7 +108,7 @@ def _on_ranks(cfg, run_dir: str, checks: list[str], a: argparse.Namespace, local
     cfg.launch.max_restarts = 0
     plan = local.plan(cfg, doctor_dir, Options(rdzv_endpoint=a.rdzv_endpoint))
     spec = {"checks": checks, "probe_id": uuid.uuid4().hex[:12], "overfit_steps": a.overfit_steps,
-            "overfit_target": a.overfit_target}
+            "overfit_target": a.overfit_target, "memory_budget": a.memory_budget}
     plan.env["LAUNCHER_DOCTOR"] = json.dumps(spec)
     recipe.save(cfg, os.path.join(doctor_dir, "config.yaml"), extra={"launcher_version": __version__})
     print(f"launch doctor: {', '.join(checks)} on {plan.world_size} process{'es' if plan.world_size != 1 else ''} "

@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
 
 from .. import dist
@@ -24,14 +23,6 @@ from ..trainer.ddp import DDPModel
 from ..trainer.setup import Precision, build_loaders, build_loss, build_model, build_optimizer, to_device
 from ..trainer.state import Unfreeze
 from .report import FAIL, PASS, WARN, Result
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
 
 
 def _mean(value: float, device: torch.device) -> float:
@@ -94,14 +85,14 @@ def check(cfg: DictConfig, info: RankInfo, device: torch.device, steps: int = 20
             classes = int(out.shape[1])
         precision.scaler.scale(loss).backward()
         bad = _nonfinite(loss, trainable, precision.scaler.is_enabled())
-        flags = _gather(bad)
+        flags = dist.gather_objects(bad)
         if any(flags):  # a NaN loss is where it began: DDP's all-reduce carries NaN gradients to every rank
             order = sorted((f.get("parameter") is not None, r) for r, f in enumerate(flags) if f)
             rank = order[0][1]
             first_bad = {"rank": rank, "step": step, "ranks": [r for _, r in order], **flags[rank]}
             break
         if step == 1:
-            missing = sorted(set().union(*_gather([n for n, p in trainable if p.grad is None])))
+            missing = sorted(set().union(*dist.gather_objects([n for n, p in trainable if p.grad is None])))
             if missing:
                 return Result("overfit", FAIL, f"{len(missing)} of {len(trainable)} parameter tensors get no "
                               f"gradient", "never used in the forward pass, or cut from the graph (detach, "
@@ -122,7 +113,7 @@ def check(cfg: DictConfig, info: RankInfo, device: torch.device, steps: int = 20
                       {"losses": losses}, seconds), finite
     finite = Result("finite", PASS, f"loss and gradients finite on {info.world_size} ranks for {len(losses)} steps",
                     seconds=seconds)
-    unchanged = sorted(set().union(*_gather([n for n, p in trainable if torch.equal(p.detach(), start[n])])))
+    unchanged = sorted(set().union(*dist.gather_objects([n for n, p in trainable if torch.equal(p.detach(), start[n])])))
     return _verdict(losses, target, classes, unchanged, lrs, len(trainable), seconds), finite
 
 

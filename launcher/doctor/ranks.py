@@ -5,6 +5,7 @@ The command passes what to run in LAUNCHER_DOCTOR (a JSON object: checks, probe 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -65,6 +66,10 @@ def run(cfg: DictConfig, run_dir: str) -> None:
         fit, finite = overfit.check(cfg, info, device, steps=int(spec.get("overfit_steps", 200)),
                                     target=float(spec.get("overfit_target", 0.2)))
         results += [r for r in (fit, finite) if r.check in checks]
+    for name, module in (("memory", "memory"), ("batch_size", "memory"), ("data", "data")):
+        if name in checks:  # each module's check(cfg, info, device, spec) -> list of results, collective
+            mod = importlib.import_module(f"{__package__}.{module}")
+            results += [r for r in mod.check(cfg, info, device, spec, name) if r.check in checks]
     if "collectives" in checks:
         results.append(collectives.check(info, device))
     if "storage" in checks:

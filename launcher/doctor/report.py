@@ -12,7 +12,8 @@ from typing import Any
 from ..files import write_atomic
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
-CHECKS = ("recipe", "overfit", "finite", "collectives", "storage")  # in the order they run
+# In the order they run; "slurm" runs in the command (an allocation, or sbatch --test-only), the rest on the ranks.
+CHECKS = ("recipe", "slurm", "overfit", "finite", "memory", "batch_size", "data", "collectives", "storage")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_RECIPE = 0, 1, 2
 
 

@@ -1,0 +1,177 @@
+"""Memory figures for the doctor's memory and batch-size checks: sizes as people write them, the budget a rank
+may use (the machine's, the container's, the SLURM allocation's, or --memory-budget; on CUDA the free device
+memory), and meters that read what a step used: this process's resident memory on the CPU (after handing glibc's
+kept free memory back, with the peak reset), the caching allocator on CUDA."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..dist import RankInfo
+
+MB = 2**20
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like 8G, 512M, 1.5T or 8GiB (powers of 1024); a plain number is megabytes, as for SLURM."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--memory-budget {text!r} is not a size: write it like 8G, 512M or 1.5T")
+    unit = m.group(2).upper() or "M"
+    return int(float(m.group(1)) * 1024 ** (" KMGT".index(unit)))
+
+
+def node_memory(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """This node's memory for the job and where that figure comes from: the machine's, narrowed by a container's
+    limit (cgroup) and by the SLURM allocation (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU x its CPUs on the node)."""
+    env = os.environ if environ is None else environ
+    found = [(_meminfo("MemTotal") or 2**62, "the machine's memory")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            found.append((int(value), "the container's memory limit"))
+    per_node, per_cpu = env.get("SLURM_MEM_PER_NODE", ""), env.get("SLURM_MEM_PER_CPU", "")
+    cpus = env.get("SLURM_CPUS_ON_NODE") or env.get("SLURM_CPUS_PER_TASK") or "1"
+    if per_node.isdigit() and int(per_node) > 0:
+        found.append((int(per_node) * MB, "the SLURM allocation (SLURM_MEM_PER_NODE)"))
+    elif per_cpu.isdigit() and int(per_cpu) > 0 and cpus.isdigit():
+        found.append((int(per_cpu) * int(cpus) * MB, f"the SLURM allocation (SLURM_MEM_PER_CPU x {cpus} CPUs)"))
+    return min(found)
+
+
+def budget(given: str | None, device: torch.device, info: RankInfo) -> tuple[int, str]:
+    """This rank's memory budget in bytes and where it comes from."""
+    mine = (parse_size(given), f"--memory-budget {given}") if given else None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        room = (free + torch.cuda.memory_reserved(device), f"the free memory of {device}")
+        return min(mine, room) if mine else room
+    if mine:
+        return mine
+    node, where = node_memory()
+    ranks = max(1, info.local_world_size)
+    return node // ranks, f"{where} / {ranks} rank{'s' if ranks != 1 else ''}"
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == key:
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- meters
+
+class HostMeter:
+    """This process's resident memory: live memory once glibc handed back what it keeps (the launcher's workers
+    keep freed memory, launch.keep_freed_memory), and its peak since `start`."""
+
+    CLEAR_REFS = "/proc/self/clear_refs"
+
+    def __init__(self) -> None:
+        try:
+            self._trim: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc: the figures include freed memory, and are coarser
+            self._trim = None
+
+    def unavailable(self) -> str | None:
+        try:
+            self._reset_peak()
+            self._status("VmHWM")
+        except (OSError, KeyError) as e:
+            return f"this process's peak memory cannot be reset or read ({self.CLEAR_REFS}, /proc/self/status: {e})"
+        return None
+
+    def start(self) -> None:
+        self._release()
+        self._reset_peak()
+
+    def peak(self) -> int:
+        return self._status("VmHWM")
+
+    def current(self) -> int:
+        self._release()
+        return self._status("VmRSS")
+
+    def recover(self) -> None:
+        gc.collect()
+        self._release()
+
+    def room_now(self, ranks: int) -> int | None:
+        """The most this rank may reach now without taking memory from its node's other ranks or processes."""
+        available = _meminfo("MemAvailable")
+        return None if available is None else available // max(1, ranks) + self.current()
+
+    def _release(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
+    def _reset_peak(self) -> None:
+        with open(self.CLEAR_REFS, "w") as f:
+            f.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == key:
+                    return int(value.split()[0]) * 1024
+        raise KeyError(key)
+
+
+class CudaMeter:
+    """The caching allocator's figures for this rank's device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def current(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def recover(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def room_now(self, ranks: int) -> int | None:
+        return None  # a try at a size is safe on a GPU: an out-of-memory is caught
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+def resize(batch: Any, n: int) -> Any:
+    """The batch with n samples: its samples repeated in order (every tensor along its first dimension)."""
+    if isinstance(batch, torch.Tensor) and batch.ndim:
+        return batch.index_select(0, torch.arange(n, device=batch.device) % batch.shape[0])
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(resize(b, n) for b in batch)
+    if isinstance(batch, dict):
+        return {k: resize(v, n) for k, v in batch.items()}
+    return batch
