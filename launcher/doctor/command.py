@@ -15,7 +15,7 @@ import uuid
 
 from .. import __version__
 from ..errors import RecipeError, UsageError
-from .report import CHECKS, EXIT_BAD_RECIPE, FAIL, PASS, SKIP, Result, exit_code, table, write_json
+from .report import CHECKS, EXIT_BAD_RECIPE, FAIL, PASS, SKIP, Result, exit_code, parse_size, table, write_json
 
 RANK_CHECKS = tuple(c for c in CHECKS if c not in ("recipe", "slurm"))
 NEEDS_TRAINER = ("overfit", "finite", "memory", "batch_size", "data")
@@ -59,6 +59,11 @@ def main(argv: list[str]) -> int:
 
     a = _parser().parse_intermixed_args(argv)
     checks = _selected(a.only)
+    if a.memory_budget is not None:
+        try:
+            parse_size(a.memory_budget)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     flags = [f"launch.nodes={a.nodes}"] * (a.nodes is not None) + [f"launch.gpus_per_node={a.gpus}"] * (a.gpus is not None)
     t0 = time.perf_counter()
     try:

@@ -8,23 +8,14 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import re
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..dist import RankInfo
+from .report import parse_size
 
 MB = 2**20
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size like 8G, 512M, 1.5T or 8GiB (powers of 1024); a plain number is megabytes, as for SLURM."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"--memory-budget {text!r} is not a size: write it like 8G, 512M or 1.5T")
-    unit = m.group(2).upper() or "M"
-    return int(float(m.group(1)) * 1024 ** (" KMGT".index(unit)))
 
 
 def node_memory(environ: Mapping[str, str] | None = None) -> tuple[int, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import textwrap
 from dataclasses import dataclass, field
@@ -63,3 +64,12 @@ def table(results: list[Result], width: int | None = None) -> str:
 def write_json(path: str, results: list[Result], **about: Any) -> None:
     body = {**about, "exit_code": exit_code(results), "results": [r.to_dict() for r in results]}
     write_atomic(path, json.dumps(body, indent=1, default=str))
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like 8G, 512M, 1.5T or 8GiB (powers of 1024); a plain number is megabytes, as for SLURM."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--memory-budget {text!r} is not a size: write it like 8G, 512M or 1.5T")
+    unit = m.group(2).upper() or "M"
+    return int(float(m.group(1)) * 1024 ** (" KMGT".index(unit)))
