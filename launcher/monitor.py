@@ -90,6 +90,13 @@ def setup_rank_logging(run_dir: str, rank: int) -> IO[str]:
     return console
 
 
+def quiet_console() -> None:
+    """Only warnings and errors to the console from here on (the rank log keeps everything): for commands that
+    print their own report, as `launch doctor` does."""
+    if _console is not None:
+        _console.setLevel(logging.WARNING)
+
+
 def peak_memory_gib(device: Any) -> float:
     """Peak memory so far: CUDA's max allocated on the device, or this process's peak RSS on the CPU."""
     if getattr(device, "type", "cpu") == "cuda":

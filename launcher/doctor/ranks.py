@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 from omegaconf import DictConfig
 
-from .. import dist
+from .. import dist, monitor
 from ..files import write_atomic
 from ..recipe import instantiate
 from . import collectives, overfit, storage
@@ -57,6 +57,7 @@ def merge(per_rank: list[list[dict[str, Any]]]) -> list[Result]:
 
 
 def run(cfg: DictConfig, run_dir: str) -> None:
+    monitor.quiet_console()  # the command prints the table; every rank's log keeps the details
     spec = json.loads(os.environ[ENV])
     checks: list[str] = spec["checks"]
     device = dist.choose_device(cfg.trainer.device)
