@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .. import __version__, dist, faults
 from . import dcp_io, layout, loading, rng
-from .commit import all_gather, broadcast, first_failure, permanent, retain, verify_and_write_manifest
+from .commit import broadcast, first_failure, permanent, retain, verify_and_write_manifest
 from .storage import Storage
 
 log = logging.getLogger("launcher")
@@ -293,7 +293,7 @@ class Checkpointer:
             self.storage.write_text(self.storage.sub(path, layout.rank_file(self.info.rank)), json.dumps(per_rank))
         except OSError as e:
             problem = f"rank {self.info.rank} could not write {layout.rank_file(self.info.rank)}: {e}"
-        reports = all_gather({"rank": self.info.rank, "problem": problem}, group)
+        reports = dist.gather_objects({"rank": self.info.rank, "problem": problem}, group)
         outcome = None
         if self.info.is_main:
             outcome = verify_and_write_manifest(self.storage, name, path, reports, train_state, metadata,

@@ -110,14 +110,6 @@ def permanent(e: BaseException) -> bool:
     return False
 
 
-def all_gather(obj: Any, group: Any) -> list[Any]:
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj, group=group)
-    return out
-
-
 def broadcast(obj: Any, group: Any) -> Any:
     if not (tdist.is_initialized() and tdist.get_world_size() > 1):
         return obj

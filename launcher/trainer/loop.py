@@ -364,13 +364,12 @@ class Trainer:
     def oom_report(self, e: BaseException) -> str:
         """One line a person can act on: where it ran out, with what batch and memory, and what to change."""
         batch, accum = int(self.cfg.data.batch_size), self.accum
+        peak = peak_memory_gib(self.device)
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
             memory = f"peak {peak:.2f} GiB allocated of {total:.2f} GiB on {self.device}"
         else:
-            import resource
-            memory = f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+            memory = f"peak process RSS {peak:.2f} GiB"
         advice = []
         if batch > 1:
             advice.append(f"data.batch_size={batch // 2} trainer.grad_accum_steps={accum * 2} (same effective "
