@@ -65,6 +65,8 @@ def main(argv: list[str]) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     flags = [f"launch.nodes={a.nodes}"] * (a.nodes is not None) + [f"launch.gpus_per_node={a.gpus}"] * (a.gpus is not None)
+    if a.slurm:  # validated as a submission: every value bound for the sbatch script on one line of its own
+        flags.append("backend=slurm")
     t0 = time.perf_counter()
     try:
         cfg = recipe.load(a.recipe, [*a.overrides, *flags]).cfg
