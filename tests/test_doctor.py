@@ -131,7 +131,7 @@ def test_a_bad_recipe_exits_2_and_an_unknown_check_is_refused(tmp_path):
     assert "trainer.max_steps must be >= 1" in r.stdout and "nothing was started" in r.stderr
     r, _ = doctor(tmp_path, "--only", "overfit,speed", expect=2)
     assert "unknown check speed" in r.stderr
-    r, _ = doctor(tmp_path, "--slurm", "--only", "slurm", 'slurm.partition="x\ntouch /tmp/owned"', expect=2)
+    r, _ = doctor(tmp_path, "--slurm", "--only", "slurm", r'slurm.partition="x\ntouch /tmp/owned"', expect=2)
     assert "slurm.partition holds a newline" in r.stdout  # validated as a submission before any sbatch call
     r, _ = doctor(tmp_path, "--memory-budget", "lots", expect=2)
     assert "--memory-budget 'lots' is not a size" in r.stderr and not (tmp_path / "run").exists()
