@@ -122,6 +122,28 @@ def test_a_budget_too_small_on_one_rank_only_lowers_the_batch_for_both(tmp_path,
     assert first == second and f"batch_size fail: largest batch per rank {largest} " in first, (first, second)
 
 
+def test_a_measured_step_wins_over_the_fitted_line_in_what_a_rank_fits():
+    from launcher.doctor.memory import _Rank
+
+    # peaks 100 + 10 per sample, with batch 8 measured a little low: the line through them predicts 7 in 182,
+    # but a step at 8 was measured within the budget, so 8 fits (and the ranks' details agree with the search)
+    r = _Rank(rest=100, budget=182, budget_from="--memory-budget", share=64, room_now=None,
+              points=[(1, 110), (2, 120), (4, 140), (8, 176), (16, 290)])
+    fixed, per_sample = r.fit()
+    assert int((182 - fixed) // per_sample) == 7  # the line alone
+    assert r.fits(64, 1.0) == 8
+    # a size measured over the budget does not fit, nor does anything above it, whatever the line says
+    r = _Rank(rest=100, budget=200, budget_from="--memory-budget", share=64, room_now=None,
+              points=[(1, 110), (2, 120), (4, 140), (8, 201)])
+    assert r.fits(64, 1.0) == 7 and r.fits(4, 1.0) == 4
+    r.points.append((6, 205))
+    assert r.fits(64, 1.0) == 5
+    # no room at all for one sample: nothing fits
+    r = _Rank(rest=100, budget=105, budget_from="--memory-budget", share=64, room_now=None,
+              points=[(1, 110), (2, 120)])
+    assert r.fits(64, 1.0) == 0
+
+
 def _divisor(largest: int) -> int:
     """The batch the advice names: the largest that fits and divides the recipe's 16 (the effective batch stays)."""
     return max(b for b in (1, 2, 4, 8) if b <= largest)

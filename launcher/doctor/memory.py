@@ -193,12 +193,22 @@ class _Rank:
         return mp - slope * mb, slope
 
     def fits(self, cap: int, headroom: float) -> int:
-        """The largest batch, up to cap, the fit predicts within the budget (0: not even one sample)."""
+        """The largest batch, up to cap, within the budget (0: not even one sample): the fit's prediction, where no
+        step measured says otherwise. A measured step wins over the line through them all: a size that stayed
+        within the budget fits, one that went over does not, and neither do the sizes above it."""
         fixed, per_sample = self.fit()
-        room = self.budget * headroom - fixed
+        limit = self.budget * headroom
+        room = limit - fixed
         if room < per_sample or room <= 0:
-            return 0
-        return cap if per_sample <= 0 else min(cap, int(room // per_sample))
+            predicted = 0
+        else:
+            predicted = cap if per_sample <= 0 else min(cap, int(room // per_sample))
+        within = [b for b, peak in self.points if peak <= limit]
+        over = [b for b, peak in self.points if peak > limit]
+        n = max([predicted] + within)
+        if over:
+            n = min(n, min(over) - 1)
+        return min(n, cap)
 
 
 def _run(cfg: DictConfig, info: RankInfo, device: torch.device, spec: dict[str, Any],
