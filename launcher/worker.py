@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
               else "freed memory goes back to the OS (launch.keep_freed_memory=false)")
     info = dist.rank_info()
     monitor.setup_rank_logging(run_dir, info.rank)
+    if os.environ.get("LAUNCHER_DOCTOR"):
+        monitor.quiet_console()  # `launch doctor` prints its table; the rank's log keeps the start line
     install_signal_handlers()
     dist.STOP.install(signal.SIGUSR2)
     log.info("worker start: rank %d local_rank %d world_size %d node %d host %s pid %d restart %d; host memory: %s",

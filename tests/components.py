@@ -319,3 +319,41 @@ class WideActivations(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(x.repeat(1, self.expand) * self.scale)
         return self.head(h.view(x.shape[0], self.expand, -1).mean(1))
+
+
+class HistoryLoss(nn.Module):
+    """Cross-entropy that keeps every loss, with its graph, in a list (`history.append(loss)` in a loss function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(output, target)
+        self.history.append(loss)
+        return loss
+
+
+class RunningLoss(nn.Module):
+    """Cross-entropy that sums its losses for a running mean, without detaching (`total += loss`): the sum's graph
+    keeps every step's graph alive, though no step's loss tensor is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(output, target)
+        self.total += loss
+        self.count += 1
+        return loss
+
+
+class LastOutputMLP(KeepsOutputMLP):
+    """An MLP that keeps only its latest output (a module that shows its last activations): no growth, no leak."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.history = [out]
+        return out

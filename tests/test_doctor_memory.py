@@ -81,7 +81,38 @@ def test_an_output_kept_with_its_graph_fails_memory_naming_the_growth_per_step(t
     d = mem["details"]
     kept = d["growth_mb_per_step"] * MB / d["growth_batch"]
     assert 12 < kept < 32, kept  # what it keeps: 4 fp32 outputs a sample, every step
+    assert d["kept"] == {"output": [0, 1]} and "the model's output of 20 of 20 steps outlives" in mem["figure"], d
     assert results["batch_size"]["status"] == "pass"
+
+
+@pytest.mark.parametrize("loss", ["HistoryLoss", "RunningLoss"])
+def test_a_scalar_loss_kept_with_its_graph_fails_memory_though_memory_barely_grows(tmp_path, loss):
+    # history.append(loss) / total += loss in the loss function: backward freed the activations, so what each step
+    # keeps is a scalar and its graph's nodes, far under what the memory figures can tell from noise
+    recipe = write_recipe(tmp_path, f"loss={{_target_: components.{loss}}}")
+    _, results = doctor(tmp_path, recipe, expect=1, only="memory")
+    mem = results["memory"]
+    assert mem["status"] == "fail", mem
+    assert re.search(r"the loss of (\d+) of 20 steps outlives its step, with its autograd graph, on every rank",
+                     mem["figure"]), mem
+    assert "grows" in mem["figure"] and "history.append(loss)" in mem["advice"], mem
+    assert "loss.item()" in mem["advice"] and "loss.detach()" in mem["advice"], mem
+    assert mem["details"]["kept"] == {"loss": [0, 1]}, mem["details"]
+    for rank in mem["details"]["ranks"]:
+        kept = rank["kept"]["loss"]
+        assert kept["steps"] >= 19 and kept["with_graph"] == kept["steps"], rank  # every watched step's graph
+        assert kept["bytes"] == (4 * kept["steps"] if loss == "HistoryLoss" else 0), rank  # the sum keeps graphs only
+        assert rank["kept"]["output"]["steps"] == 0, rank
+        assert abs(rank["growth_mb_per_step"]) * MB < 64 * 1024, rank  # memory alone could not have told
+
+
+def test_a_model_that_keeps_only_its_last_output_passes_memory(tmp_path):
+    recipe = write_recipe(tmp_path, "model={_target_: components.LastOutputMLP}")
+    _, results = doctor(tmp_path, recipe, only="memory")
+    mem = results["memory"]
+    assert mem["status"] == "pass" and mem["details"]["kept"] == {}, mem
+    for rank in mem["details"]["ranks"]:
+        assert rank["kept"]["output"]["steps"] == 1 and rank["kept"]["loss"]["steps"] == 0, rank
 
 
 def test_a_budget_too_small_for_the_batch_fails_naming_a_smaller_batch_and_the_accumulation(tmp_path, wide):

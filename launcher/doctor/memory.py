@@ -13,10 +13,14 @@ PROBE_SECONDS) give fixed + per_sample x batch (MB here are MiB).
 
 memory fails when, after warm-up, memory grows step after step at one batch size: a tensor kept across steps
 (`history.append(loss)`, `total += loss`, an output kept by the model), by more than LEAK_FRACTION of the memory per
-sample each step. batch_size predicts the largest batch within the budget (CUDA: the free device memory; CPU:
---memory-budget, else the machine's, the container's or the SLURM allocation's memory per rank), tries it for real
-(an out-of-memory is caught, freed and counted as too large), agrees on the smallest over the ranks, and fails when
-the recipe's batch is larger, naming a batch and the gradient accumulation that keep the effective batch.
+sample each step; or when the loss or the model's output of most watched steps is still alive after its step (a
+weak reference to each, and a sentinel hooked on its autograd node: KeptWatch), which catches what memory cannot
+see yet: a scalar loss kept with its graph costs a few hundred bytes a step once backward freed its activations.
+
+batch_size predicts the largest batch within the budget (CUDA: the free device memory; CPU: --memory-budget, else
+the machine's, the container's or the SLURM allocation's memory per rank), tries it for real (an out-of-memory is
+caught, freed and counted as too large), agrees on the smallest over the ranks, and fails when the recipe's batch is
+larger, naming a batch and the gradient accumulation that keep the effective batch.
 
 Each step runs the plain module (DDP's hooks stay idle), so no collective runs inside a step: an error or an
 out-of-memory on one rank is caught there, the ranks gather every rank's outcome after each step, and all of them
@@ -38,7 +42,7 @@ from ..dist import RankInfo
 from ..trainer.ddp import DDPModel
 from ..trainer.setup import Precision, build_loaders, build_loss, build_model, build_optimizer, to_device
 from ..trainer.state import Unfreeze
-from .meters import MB, CudaMeter, HostMeter, budget, node_memory, parse_size, resize  # noqa: F401 (tests)
+from .meters import MB, CudaMeter, HostMeter, KeptWatch, budget, node_memory, parse_size, resize  # noqa: F401 (tests)
 from .report import FAIL, PASS, WARN, Result
 
 log = logging.getLogger("launcher")
@@ -94,14 +98,18 @@ class _Step:
         if any(p.requires_grad for p in self.model.parameters()):  # DDP refuses a model with nothing to train
             self.ddp.build()
 
-    def run(self, n: int, meter: Any) -> int:
+    def run(self, n: int, meter: Any, watch: KeptWatch | None = None) -> int:
         """One step at batch n (forward, backward, optimizer step, gradients cleared as the trainer clears them);
-        the peak memory it reached, the batch included."""
+        the peak memory it reached, the batch included. `watch` marks the step's output and loss."""
         inputs, targets = to_device(resize(self.batch, n), self.device, self.channels_last)
         meter.start()
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            loss = self.loss_fn(self.model(inputs), targets)
+            outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, targets)
+        if watch is not None:
+            watch.mark(outputs, loss)
+        del outputs
         if loss.requires_grad:
             self.precision.scaler.scale(loss).backward()
             self.precision.scaler.step(self.optimizer)
@@ -109,15 +117,16 @@ class _Step:
         self.optimizer.zero_grad(set_to_none=True)
         return meter.peak()
 
-    def growth(self, n: int, meter: Any) -> list[int]:
-        """Memory at rest after each of GROWTH_STEPS steps at batch n, after GROWTH_WARMUP steps."""
+    def growth(self, n: int, meter: Any) -> tuple[list[int], dict[str, dict[str, int]]]:
+        """Memory at rest after each of GROWTH_STEPS steps at batch n, after GROWTH_WARMUP steps; and which of
+        those steps' tensors outlived them (KeptWatch.kept)."""
         for _ in range(GROWTH_WARMUP):
             self.run(n, meter)
-        after = []
+        after, watch = [], KeptWatch()
         for _ in range(GROWTH_STEPS):
-            self.run(n, meter)
+            self.run(n, meter, watch)
             after.append(meter.current())
-        return after
+        return after, watch.kept()
 
     def recover(self, meter: Any) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -179,6 +188,7 @@ class _Rank:
     room_now: int | None
     points: list[tuple[int, int]] = field(default_factory=list)  # (batch, peak bytes)
     growth: float | None = None  # bytes per step
+    kept: dict[str, dict[str, int]] = field(default_factory=dict)  # KeptWatch.kept over the growth steps
 
     def fit(self) -> tuple[float, float]:
         """(fixed, per sample) bytes: the least-squares line through the peaks."""
@@ -288,8 +298,9 @@ def _measure(cfg: DictConfig, info: RankInfo, device: torch.device, given: str |
     big = max(quick, default=min(seconds))
     if "memory" in wanted:
         outs = _attempt(lambda: step.growth(big, meter), step, meter, f"steps at batch {big}")
-        for r, (after, oom) in zip(ranks, outs):
-            r.growth = None if oom else _slope(after)
+        for r, (grown, oom) in zip(ranks, outs):
+            if not oom:
+                r.growth, r.kept = _slope(grown[0]), grown[1]
     if "batch_size" in wanted:
         largest, untried = _largest(ranks, step, meter, cap, too_big, seconds, b0, device)  # tries refine the fit
     out: dict[str, Result] = {}
@@ -372,18 +383,47 @@ def _memory_verdict(ranks: list[_Rank], sizes: dict[str, int], big: int, b0: int
                       f"the steps at batch {big} ran out of memory on the second try", details)
     limit = [max(LEAK_FRACTION * r.fit()[1] * big, LEAK_FLOOR / GROWTH_STEPS) for r in ranks]
     leaking = [i for i, (r, lim) in enumerate(zip(ranks, limit)) if r.growth is not None and r.growth > lim]
+    keeping = {what: [i for i, r in enumerate(ranks) if r.kept.get(what, {}).get("steps", 0) >= KEPT_STEPS]
+               for what in KeptWatch.WHAT}
+    keeping = {what: which for what, which in keeping.items() if which}
     worst = max(growths)
     details["growth_mb_per_step"] = worst / MB
-    if not leaking:
+    details["kept"] = keeping
+    if not leaking and not keeping:
         return Result("memory", PASS, figure + f"; growth {_mb(max(worst, 0))} MB/step ({GROWTH_STEPS} steps at "
                       f"batch {big})", "", details)
-    per = worst / big
-    return Result(
-        "memory", FAIL, f"grows {_mb(worst)} MB/step at batch {big} ({per:.3g} bytes per sample and step; "
-        f"{_mb(per * b0)} MB/step at the recipe's {b0}) on {_ranks(leaking, len(ranks))}; {figure}",
-        "a tensor is kept from step to step: an output or loss appended to a list (history.append(loss)) or summed "
-        "(total += loss) keeps it, and what it references, alive; keep a number (loss.item()) or a detached "
-        "tensor (loss.detach())", details)
+    per = max(worst, 0) / big
+    grows = f"grows {_mb(max(worst, 0))} MB/step at batch {big} ({per:.3g} bytes per sample and step; " \
+            f"{_mb(per * b0)} MB/step at the recipe's {b0})"
+    kept = []
+    for what, which in keeping.items():
+        k = max((ranks[i].kept[what] for i in which), key=lambda d: d["steps"])
+        graph = ", with its autograd graph," if k["with_graph"] else ""
+        kept.append(f"{_NAMES[what]} of {k['steps']} of {k['of']} steps outlives its step{graph} on "
+                    f"{_ranks(which, len(ranks))}")
+    if leaking:
+        head = f"{grows} on {_ranks(leaking, len(ranks))}" + "".join(f"; {k}" for k in kept)
+    else:  # what is kept is too small for the memory figures to see yet: it adds up over a long run
+        head = "; ".join(kept) + f": the memory it holds grows about {max(worst, 0) / 1024:.3g} kB/step (batch " \
+            f"{big}), too little for the memory figures yet, and without end over a long run"
+    return Result("memory", FAIL, f"{head}; {figure}", _kept_advice(list(keeping)), details)
+
+
+KEPT_STEPS = GROWTH_STEPS // 2  # a step's output or loss alive after this many of the watched steps: kept (a module
+# that stores only its last output keeps one)
+_NAMES = {"loss": "the loss", "output": "the model's output"}
+
+
+def _kept_advice(kept: list[str]) -> str:
+    if kept == ["loss"]:
+        return ("the loss is kept from step to step: a loss appended to a list (history.append(loss)) or summed "
+                "(total += loss) in the loss function or the model keeps it and its autograd graph alive (and, "
+                "where no backward runs through it, every activation the graph saved); keep a number (loss.item()) "
+                "or a detached tensor (loss.detach())")
+    what = "the model's output" if kept == ["output"] else "a tensor" if not kept else "the model's output and the loss"
+    return (f"{what} is kept from step to step: appended to a list (history.append(loss)), summed (total += loss) or "
+            "stored on a module, it stays alive with what it references; keep a number (loss.item()) or a detached "
+            "tensor (output.detach(), loss.detach())")
 
 
 def _batch_verdict(cfg: DictConfig, info: RankInfo, ranks: list[_Rank], largest: int, untried: str | None,
@@ -431,5 +471,5 @@ def _rank_details(i: int, r: _Rank, cap: int) -> dict[str, Any]:
     fixed, per_sample = r.fit()
     return {"rank": i, "fixed_mb": fixed / MB, "per_sample_mb": per_sample / MB, "rest_mb": r.rest / MB,
             "budget_mb": r.budget / MB, "budget_from": r.budget_from, "fits": r.fits(cap, 1.0),
-            "growth_mb_per_step": None if r.growth is None else r.growth / MB,
+            "growth_mb_per_step": None if r.growth is None else r.growth / MB, "kept": r.kept,
             "points": [(b, p / MB) for b, p in r.points]}

@@ -1,13 +1,15 @@
 """Memory figures for the doctor's memory and batch-size checks: sizes as people write them, the budget a rank
 may use (the machine's, the container's, the SLURM allocation's, or --memory-budget; on CUDA the free device
 memory), and meters that read what a step used: this process's resident memory on the CPU (after handing glibc's
-kept free memory back, with the peak reset), the caching allocator on CUDA."""
+kept free memory back, with the peak reset), the caching allocator on CUDA; and a watch on the tensors a step
+makes, which tells whether any outlives its step."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
@@ -166,3 +168,67 @@ def resize(batch: Any, n: int) -> Any:
     if isinstance(batch, dict):
         return {k: resize(v, n) for k, v in batch.items()}
     return batch
+
+
+# ----------------------------------------------------------------------------------------------- kept tensors
+
+class _Sentinel:
+    """Hooked on a tensor's autograd node, it lives exactly as long as the node: a weak reference to it says whether
+    the graph outlived its step, even where only a later tensor's graph holds it (total = total + loss)."""
+
+    def hook(self, *_: Any) -> None:
+        return None
+
+
+class KeptWatch:
+    """Whether the tensors a step makes (the model's outputs, the loss) outlive it: weak references to each tensor
+    and to a sentinel on its autograd node, checked after a garbage collection. Memory figures cannot see a scalar
+    loss kept with its graph (its saved activations are freed by backward: a few hundred bytes a step); this can."""
+
+    WHAT = ("loss", "output")
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, tuple[list[weakref.ref], list[weakref.ref]]]] = []
+
+    def mark(self, outputs: Any, loss: Any) -> None:
+        marks: dict[str, tuple[list[weakref.ref], list[weakref.ref]]] = {}
+        for what, value in (("loss", loss), ("output", outputs)):
+            tensors, graphs = [], []
+            for t in _tensors(value):
+                tensors.append(weakref.ref(t))
+                if t.grad_fn is not None:
+                    sentinel = _Sentinel()
+                    t.grad_fn.register_hook(sentinel.hook)
+                    graphs.append(weakref.ref(sentinel))
+            marks[what] = (tensors, graphs)
+        self.steps.append(marks)
+
+    def kept(self) -> dict[str, dict[str, int]]:
+        """For the loss and the outputs: in how many of the marked steps the tensor, or its graph, is still alive
+        (an output only kept through the loss's graph is the loss's doing), with its graph, and the bytes of the
+        tensors still alive."""
+        gc.collect()
+
+        def alive(refs: list[weakref.ref]) -> bool:
+            return any(r() is not None for r in refs)
+
+        loss = [alive(step["loss"][0] + step["loss"][1]) for step in self.steps]
+        out = {}
+        for what in self.WHAT:
+            steps = [step[what] for i, step in enumerate(self.steps)
+                     if alive(step[what][0]) or (alive(step[what][1]) and (what == "loss" or not loss[i]))]
+            live = [t for ts, _ in steps for t in (r() for r in ts) if t is not None]
+            out[what] = {"steps": len(steps), "of": len(self.steps),
+                         "with_graph": sum(alive(gs) for _, gs in steps),
+                         "bytes": sum(t.numel() * t.element_size() for t in live)}
+        return out
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
