@@ -33,6 +33,8 @@ examples:
   launch recipe.yaml --nodes 2 --gpus 8 --rdzv-endpoint node1:29500   (on each of the 2 nodes)
   launch --explain                              (all recipe keys)
   launch doctor recipe.yaml --gpus 2            (preflight checks: overfit one batch, collectives, storage)
+  launch sweep recipe.yaml --gpus 2             (hyperparameter search, the recipe's sweep section; each trial a run)
+  launch sweep status sweeps/NAME               (one row per trial, best first)
   launch recipe.yaml --nodes 2 --gpus 8 --slurm                       (a SLURM job; --dry-run shows the sbatch script)
   launch status runs/NAME                       (SLURM state, progress, last checkpoint, logs)
   launch cancel runs/NAME
@@ -120,6 +122,9 @@ def _main(argv: list[str]) -> int:
     if argv and argv[0] == "doctor":
         from .doctor.command import main as doctor
         return doctor(argv[1:])
+    if argv and argv[0] == "sweep":
+        from .sweep.command import main as sweep
+        return sweep(argv[1:])
     if argv and argv[0] == "status":
         return _status(argv[1:])
     if argv and argv[0] == "cancel":

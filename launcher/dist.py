@@ -273,10 +273,17 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None  # a request that is not a signal (RUN_DIR/stop-request.json)
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.reason is not None
+
+    def ask(self, reason: str) -> None:
+        """A stop that is not a preemption (`launch sweep` pruning a trial): checkpoint and stop, no requeue."""
+        if not self.requested:
+            log.warning("stop requested (%s): will checkpoint and stop at the next step boundary", reason)
+        self.reason = self.reason or reason
 
     def install(self, *signums: int) -> None:
         """Handle `signums` from now on, including any that came earlier: the SLURM node task starts workers with

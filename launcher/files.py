@@ -10,6 +10,10 @@ import contextlib
 import os
 from typing import Iterator
 
+# In a run directory: {"reason": ...}, left by `launch sweep` (pruning a trial, or stopping); the trainer's rank 0
+# reads it at log steps, and every rank stops at that step with a committed checkpoint.
+STOP_REQUEST = "stop-request.json"
+
 
 @contextlib.contextmanager
 def temporary_path(path: str) -> Iterator[str]:

@@ -223,6 +223,7 @@ def _start_wandb(cfg: Any, run_dir: str) -> Any:
     lg = cfg.logging
     run_id = wandb_run_id(run_dir)
     run = wandb.init(project=lg.wandb_project or "launcher", entity=lg.wandb_entity, name=cfg.run.name, id=run_id,
+                     group=lg.wandb_group,
                      resume="allow", dir=run_dir, mode=lg.wandb_mode,
                      config=public(cfg))  # environment references unresolved, URL passwords redacted
     log.info("W&B: run %s (id %s, %s mode)", cfg.run.name, run_id, lg.wandb_mode or os.environ.get("WANDB_MODE",

@@ -189,6 +189,7 @@ def start(p: Plan) -> int:
         elastic_launch(config, entrypoint=entrypoint)(*args)
     except ChildFailedError as e:
         sys.stderr.write(failure_report(e.failures, p.run_dir, restarts=p.max_restarts))
+        _write_failure_json(e.failures, p.run_dir)
         return 1
     except RendezvousTimeoutError:
         arrived = watch.arrived if watch else []
@@ -375,6 +376,31 @@ def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = No
             out.append("    last lines of the log:\n")
             out.extend(f"      | {line}\n" for line in lines)
     return "".join(out)
+
+
+def _write_failure_json(failures: dict[int, Any], run_dir: str) -> None:
+    """RUN_DIR/failure.json: the failed ranks as data, first failure first (what `launch sweep` reports)."""
+    import json
+
+    from ..files import write_atomic
+
+    ranks = []
+    for rank, f in sorted(failures.items(), key=lambda kv: (kv[1].timestamp or 0, kv[0])):
+        message = f.message if isinstance(f.message, str) else f.message.get("message", "")
+        error = message.strip().splitlines()[-1] if message and not message.startswith("To enable") else None
+        if f.exitcode < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-f.exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-f.exitcode}"
+        else:
+            how = f"exit code {f.exitcode}"
+        ranks.append({"rank": rank, "host": socket.gethostname(), "how": how, "error": error,
+                      "log": log_path(run_dir, rank), "time": f.timestamp})
+    try:
+        write_atomic(os.path.join(run_dir, "failure.json"), json.dumps({"ranks": ranks}, indent=2))
+    except OSError:
+        pass
 
 
 def _tail(path: str, n: int) -> list[str]:

@@ -136,6 +136,9 @@ class Loaded:
         return bool(self.cfg.script.path or self.cfg.script.module)
 
 
+SAVED_BY = "launcher_version"  # the key `launch` adds to the config.yaml it saves in a run directory
+
+
 def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None = None) -> Loaded:
     """Read, merge, resolve and validate a recipe. Raises RecipeError with every problem found.
 
@@ -148,6 +151,8 @@ def load(path: str | None, overrides: list[str] = (), *, defaults: dict | None =
     source = path or "command line"
     if path is not None:
         data, lines = read_yaml(path)
+        if isinstance(data, dict):
+            data.pop(SAVED_BY, None)  # a run's own config.yaml is a recipe too: `launch RUN_DIR/config.yaml`
         data = check_tree(Recipe, data, "", lambda p: f"{path}:{lines.get(p, '?')}", problems)
 
     parsed: list[tuple[str, Any, str]] = []

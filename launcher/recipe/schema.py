@@ -31,6 +31,9 @@ OnSaveError = Literal["stop", "continue"]
 WandbMode = Literal["online", "offline", "disabled"]
 Progress = Literal["auto", "bar", "lines"]
 Backend = Literal["local", "slurm"]
+Sampler = Literal["tpe", "random", "grid", "gp", "cmaes"]
+Pruner = Literal["none", "median", "asha", "hyperband"]
+Objective = Literal["last", "best"]
 
 Component = Optional[Dict[str, Any]]  # {_target_: pkg.module.Name, **kwargs}
 
@@ -202,12 +205,48 @@ class LoggingSection:
                       "<run dir>/wandb-run-id, so resumes and requeues continue the same W&B run.", False)
     wandb_project: Optional[str] = doc("W&B project. Default: launcher.", None)
     wandb_entity: Optional[str] = doc("W&B entity (user or team). Default: W&B's own.", None)
+    wandb_group: Optional[str] = doc("W&B group of the run (`launch sweep` puts its trials in one group, the "
+                                     "sweep's name).", None)
     wandb_mode: Optional[Annotated[str, WandbMode]] = doc("W&B mode (offline: no network; `wandb sync` later). "
                                                           "Default: W&B's own (WANDB_MODE).", None)
     progress: Annotated[str, Progress] = doc("Rank 0's console progress. auto: a bar with rate and ETA on a "
                                              "terminal, plain lines otherwise.", "auto")
     grad_norm: bool = doc("Record the global gradient norm at log steps (free when trainer.grad_clip_norm is set).",
                           True)
+
+
+@dataclass
+class SweepSection:
+    metric: str = doc("What a trial is judged by: a metric the trainer records (train/loss, val/loss, val/accuracy, "
+                      "train/lr, train/grad_norm, perf/samples_per_s, ...).", "val/loss")
+    mode: Annotated[str, MonitorMode] = doc("min or max the metric.", "min")
+    objective: Annotated[str, Objective] = doc("A trial's value: the metric's last recorded value, or its best.",
+                                               "last")
+    sampler: Annotated[str, Sampler] = doc("Optuna's sampler: tpe (Bayesian), random, grid (every combination), gp "
+                                           "(Gaussian process), cmaes (needs the cmaes package).", "tpe")
+    pruner: Annotated[str, Pruner] = doc("Stop unpromising trials early (each ends PRUNED with a committed "
+                                         "checkpoint): none, median, asha (successive halving), hyperband.", "none")
+    min_steps: int = doc("No trial is pruned before this step (the pruners' warm-up / minimum resource).", 0)
+    sampler_args: Optional[Dict[str, Any]] = doc("Keyword arguments for Optuna's sampler, e.g. {n_startup_trials: 5} "
+                                                 "for tpe.", None)
+    pruner_args: Optional[Dict[str, Any]] = doc("Keyword arguments for Optuna's pruner, e.g. {n_startup_trials: 2} for "
+                                                "median.", None)
+    trials: Optional[int] = doc("Trials in all (running the sweep again with more continues it). Default: 20, or "
+                                "every combination of a grid.", None)
+    parallel: int = doc("Trials at a time. Locally each gets its own GPUs (CUDA_VISIBLE_DEVICES) and CPUs.", 1)
+    max_failures: int = doc("The sweep stops asking for new trials after this many FAILED ones.", 3)
+    retries: int = doc("Times a local trial killed from outside (a signal: the out-of-memory killer, a kill) "
+                       "starts again from its newest committed checkpoint before it counts as FAILED. A trial whose "
+                       "run raises fails at once; a SLURM trial requeues as any job does.", 2)
+    seed: Optional[int] = doc("The samplers' seed (trial N samples with seed and N, so a restarted sweep goes on "
+                              "as it would have). Default: the recipe's seed.", None)
+    storage: Optional[str] = doc("An Optuna storage URL (sqlite:///..., postgresql://...) for sites that have one. "
+                                 "Default: a journal file in the sweep directory, written by the controller alone.",
+                                 None)
+    dir: Optional[str] = doc("The sweep directory (`--dir`). Default: sweeps/<run.name>.", None)
+    params: Optional[Dict[str, Any]] = doc(
+        "The search space by recipe key: {type: float|int, low, high, log, step} or {type: choice, values: [...]}, "
+        "e.g. optimizer.lr: {type: float, low: 1.0e-5, high: 0.1, log: true}.", None)
 
 
 @dataclass
@@ -235,6 +274,8 @@ class Recipe:
     slurm: SlurmSection = doc("SLURM job settings (with backend slurm).", factory=SlurmSection)
     resume: str = doc("auto (newest committed checkpoint), never, or the path of a checkpoint (step-<N> folder).",
                       "auto")
+    sweep: SweepSection = doc("Hyperparameter search over this recipe (`launch sweep`); plain `launch` ignores it.",
+                              factory=SweepSection)
 
 
 COMPONENT_KEYS = ("model", "data.train", "optimizer", "lr_scheduler", "loss")

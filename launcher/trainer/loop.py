@@ -21,6 +21,7 @@ from .. import dist
 from .. import finetune as ft
 from .. import procs
 from ..checkpoint.checkpointer import Checkpointer, Position
+from ..files import STOP_REQUEST
 from ..monitor import Progress, peak_memory_gib
 from .setup import (Precision, build_loaders, build_loss, build_model, build_optimizer, deterministic_kernels,
                     to_device)
@@ -282,6 +283,8 @@ class Trainer:
     def _record(self, mean_loss: torch.Tensor) -> tuple[bool, bool]:
         """Log the loss averaged over ranks. One all-reduce also tells every rank whether any rank finds a timed
         checkpoint due and whether any rank was asked to stop: returns (checkpoint due, stop)."""
+        if self.info.is_main and not dist.STOP.requested:
+            self._read_stop_request()
         flags = torch.tensor([float(self.ckpt.time_due()), float(dist.STOP.requested)], device=self.device)
         both = dist.all_reduce_mean(torch.cat([mean_loss.float().reshape(1), flags]))
         loss, timed, stop = float(both[0]), float(both[1]) > 0, float(both[2]) > 0
@@ -293,6 +296,19 @@ class Trainer:
                                  grad_norm=norm, peak_memory_gib=peak_memory_gib(self.device))
         self._data_wait, self._last_record, self._grad_norm = 0.0, self.step, None
         return timed, stop
+
+    def _read_stop_request(self) -> None:
+        """Rank 0, at a log step: a stop asked for in RUN_DIR/stop-request.json (by `launch sweep`, pruning this
+        run) becomes a stop request; the log step's all-reduce makes every rank stop at this same step."""
+        try:
+            with open(os.path.join(self.run_dir, STOP_REQUEST)) as f:
+                asked = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            asked = {"reason": f"{STOP_REQUEST} unreadable ({e})"}
+        reason = asked.get("reason") if isinstance(asked, dict) else None
+        dist.STOP.ask(str(reason or "stop requested"))
 
     def validate(self) -> dict[str, float]:
         """The validation metrics over the whole validation set (collective), logged and recorded."""
@@ -337,16 +353,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
     def _stop(self, pos: Position) -> None:
-        """Every rank agreed to stop (a preemption signal): write one committed checkpoint, leave a marker."""
+        """Every rank agreed to stop: write one committed checkpoint, leave a marker. A preemption signal leaves
+        preempted.json (the SLURM node task requeues on it); a stop asked for in stop-request.json leaves
+        stopped.json and takes the request away, so that launching the run again continues it."""
+        preempted = dist.STOP.signum is not None
         log.warning("stop requested: checkpointing at step %d and exiting", pos.step)
-        self._save(pos, "preemption signal", final=True)
+        self._save(pos, "preemption signal" if preempted else "stop requested", final=True)
         self.ckpt.wait()
         if self.info.is_main:
             marker = {"step": pos.step, "job_id": os.environ.get("SLURM_JOB_ID"),
                       "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "time": time.time()}
-            with open(os.path.join(self.run_dir, "preempted.json"), "w") as f:
+            if not preempted:
+                marker["reason"] = dist.STOP.reason
+            with open(os.path.join(self.run_dir, "preempted.json" if preempted else "stopped.json"), "w") as f:
                 json.dump(marker, f)
-        self.progress.event("preempted", step=pos.step)
+            if not preempted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.run_dir, STOP_REQUEST))
+        if preempted:
+            self.progress.event("preempted", step=pos.step)
+        else:
+            self.progress.event("stopped", step=pos.step, reason=dist.STOP.reason)
         self.progress.close()
 
     def _finish(self, elapsed: float, batches: int) -> None:
