@@ -62,8 +62,9 @@ def _spawn(fn, world: int, *args, env: dict | None = None, timeout: float = 60) 
 
 def _cfg(tmp: str, ckpt: str, *overrides: str):
     from launcher import recipe
+    from launcher.files import write_atomic
     path = Path(tmp) / "recipe.yaml"
-    path.write_text(RECIPE)
+    write_atomic(str(path), RECIPE)  # every rank writes it: none may read another's half-written file
     return recipe.load(str(path), [f"checkpoint.dir={ckpt}", *overrides]).cfg
 
 

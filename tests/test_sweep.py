@@ -55,51 +55,85 @@ def trials(where: Path) -> list[dict]:
     return json.loads((where / "sw" / "sweep.json").read_text())["trials"]
 
 
+def last_step(run_dir: str | Path) -> int | None:
+    from launcher.sweep.records import last_step as step
+    return step(str(run_dir))
+
+
 def events(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_six_trials_two_at_a_time_survive_a_killed_controller(tmp_path):
-    recipe = write_recipe(tmp_path, base=SWEEP)
-    ctl = subprocess.Popen([LAUNCH, "sweep", recipe, "--dir", str(tmp_path / "sw"), "--gpus", "1"], cwd=tmp_path,
-                           env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # kill the controller outright once two trials are done and two more have checkpointed
+def start_controller(where: Path, recipe: str) -> subprocess.Popen:
+    return subprocess.Popen([LAUNCH, "sweep", recipe, "--dir", str(where / "sw"), "--gpus", "1"], cwd=where,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(ctl: subprocess.Popen, where: Path, complete: int) -> None:
+    """Until `complete` trials are COMPLETE and a running one has committed a checkpoint (and is far from done)."""
     deadline = time.time() + 180
     while time.time() < deadline:
         time.sleep(0.3)
         try:
-            rows = trials(tmp_path)
+            rows = trials(where)
         except (OSError, ValueError):
             continue
         done = [r for r in rows if r["state"] == "COMPLETE"]
         going = [r for r in rows if r["state"] == "RUNNING"
-                 and list((Path(r["run_dir"]) / "checkpoints").glob("step-*/manifest.json"))]
-        if len(done) >= 2 and going:
-            break
-    else:
-        ctl.kill()
-        pytest.fail(f"the sweep did not get going: {ctl.communicate()[1][-3000:]}")
+                 and list((Path(r["run_dir"]) / "checkpoints").glob("step-*/manifest.json"))
+                 and (last_step(r["run_dir"]) or 0) < 25]  # well before its end at step 40
+        if len(done) >= complete and going:
+            return
+    ctl.kill()
+    pytest.fail(f"the sweep did not get going: {ctl.communicate()[1][-3000:]}")
+
+
+def test_six_trials_two_at_a_time_survive_a_stopped_and_a_killed_controller(tmp_path):
+    recipe = write_recipe(tmp_path, "model.step_sleep=0.05", base=SWEEP)
+    # SIGTERM: every running trial checkpoints and stops at one step, and the controller exits 128 + 15
+    ctl = start_controller(tmp_path, recipe)
+    wait_for(ctl, tmp_path, complete=1)
+    ctl.send_signal(signal.SIGTERM)
+    _, err = ctl.communicate(timeout=60)
+    assert ctl.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = [r for r in trials(tmp_path) if r["state"] == "PREEMPTED"]  # to resume
+    assert stopped and "SIGTERM: asking" in err, err[-2000:]
+    assert "PREEMPTED" in run_launch("sweep", "status", str(tmp_path / "sw"), cwd=tmp_path).stdout
+    for r in stopped:
+        marker = json.loads((Path(r["run_dir"]) / "stopped.json").read_text())
+        assert marker["reason"] == "the sweep controller stopped (SIGTERM)", marker
+        assert (Path(r["run_dir"]) / "checkpoints" / f"step-{marker['step']:09d}" / "manifest.json").exists()
+    # started again, then killed outright once two trials are done and a running one has checkpointed
+    ctl = start_controller(tmp_path, recipe)
+    wait_for(ctl, tmp_path, complete=2 + len(stopped) // 2)
     ctl.send_signal(signal.SIGKILL)
     ctl.communicate(timeout=30)
-    interrupted = {r["number"] for r in trials(tmp_path) if r["state"] == "RUNNING"}
+    interrupted = {r["number"] for r in trials(tmp_path) if r["state"] in ("RUNNING", "PREEMPTED")}
     assert interrupted, "no trial was running when the controller died"
+    checkpointed = {n for n in interrupted
+                    if list((tmp_path / "sw" / f"trial-{n:04d}" / "checkpoints").glob("step-*/manifest.json"))}
+    assert checkpointed
     time.sleep(1.5)  # the trials died with the controller (PR_SET_PDEATHSIG): nothing writes their runs now
-    steps = {n: len((tmp_path / "sw" / "trials" / f"{n:04d}" / "metrics.jsonl").read_text()) for n in interrupted}
+    steps = {n: len((tmp_path / "sw" / f"trial-{n:04d}" / "metrics.jsonl").read_text()) for n in interrupted}
     time.sleep(1.0)
-    assert steps == {n: len((tmp_path / "sw" / "trials" / f"{n:04d}" / "metrics.jsonl").read_text())
+    assert steps == {n: len((tmp_path / "sw" / f"trial-{n:04d}" / "metrics.jsonl").read_text())
                      for n in interrupted}, "a trial kept running without its controller"
 
     r = sweep(tmp_path, recipe, "--gpus", "1")  # the same command again
     rows = trials(tmp_path)
     assert [r_["state"] for r_ in rows] == ["COMPLETE"] * 6, rows
     assert sorted(r_["number"] for r_ in rows) == list(range(6))
-    assert sorted(p.name for p in (tmp_path / "sw" / "trials").iterdir()) == [f"{n:04d}" for n in range(6)]
+    assert sorted(p.name for p in (tmp_path / "sw").glob("trial-*")) == [f"trial-{n:04d}" for n in range(6)]
     assert len({json.dumps(r_["params"], sort_keys=True) for r_ in rows}) == 6  # six different trials
-    for n in interrupted:  # resumed from its own checkpoint, not started over
-        ready = [e for e in events(tmp_path / "sw" / "trials" / f"{n:04d}") if e["event"] == "ready"]
-        assert len(ready) == 2 and ready[0]["resumed_step"] is None and ready[1]["resumed_step"] >= 10, ready
-        assert "resuming in" in r.stderr
+    for n in checkpointed | {r_["number"] for r_ in stopped}:  # resumed from its own checkpoint, not started over
+        ready = [e for e in events(tmp_path / "sw" / f"trial-{n:04d}") if e["event"] == "ready"]
+        assert len(ready) >= 2 and ready[0]["resumed_step"] is None, ready
+        assert all(e["resumed_step"] >= 10 for e in ready[1:]), ready
+    for r_ in stopped:  # the one stopped by SIGTERM resumed from the step it stopped at
+        ready = [e for e in events(r_["run_dir"]) if e["event"] == "ready"]
+        assert ready[1]["resumed_step"] == json.loads((Path(r_["run_dir"]) / "stopped.json").read_text())["step"]
+    assert "resuming in" in r.stderr
     values = [r_["value"] for r_ in rows]
     assert values == sorted(values)  # best first (min val/loss)
     for r_ in rows:  # each trial's value is its last recorded val/loss, with its own values set in its recipe
@@ -134,6 +168,9 @@ def test_six_trials_two_at_a_time_survive_a_killed_controller(tmp_path):
     assert b"optimizer.lr" in hparams["_hparams_/session_start_info"], hparams
     assert "_hparams_/session_end_info" in hparams and "_hparams_/experiment" in hparams, hparams
 
+    # the same directory with another search is refused; more trials would continue it
+    other = sweep(tmp_path, recipe, "sweep.metric=train/loss", expect=2)
+    assert "holds a sweep with another metric (\"val/loss\"; this command: \"train/loss\")" in other.stderr
     # best.yaml: the best trial's recipe, in a run directory of its own, launches as it is
     best = yaml.safe_load((tmp_path / "sw" / "best.yaml").read_text())
     assert best["optimizer"]["lr"] == pytest.approx(rows[0]["params"]["optimizer.lr"])
@@ -226,7 +263,7 @@ def test_pruning_stops_a_bad_two_rank_trial_on_every_rank_at_one_step(tmp_path):
     assert not (run / "stop-request.json").exists()  # taken away: the run can go on
     assert f"trial 1 PRUNED at step {at}" in r.stderr
     # the pruned trial's run continues from that checkpoint with more budget
-    _, again = launch(tmp_path, str(run / "config.yaml"), "trainer.max_steps=130", run="sw/trials/0001")
+    _, again = launch(tmp_path, str(run / "config.yaml"), "trainer.max_steps=130", run="sw/trial-0001")
     ready = [e for e in events(again) if e["event"] == "ready"]
     assert ready[-1]["resumed_step"] == at and events(again)[-1]["event"] == "train_end"
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="nodes per trial (launch.nodes; several need --slurm)")
     p.add_argument("--gpus", type=int, help="processes per node of each trial (launch.gpus_per_node)")
     p.add_argument("--slurm", action="store_true", help="every trial a SLURM job (the controller stays here)")
+    p.add_argument("--controller-job", action="store_true",
+                   help="with --slurm: run the controller itself as a small requeueable SLURM job (1 CPU), which "
+                        "requeues itself on SLURM's signal and follows its trials again")
     p.add_argument("--dry-run", action="store_true", help="print the space, the trials and (grid) their list; "
                    "start nothing")
     return p
@@ -75,6 +78,14 @@ def main(argv: list[str]) -> int:
         raise RecipeError(problems)
     sweep_dir = os.path.abspath(a.dir or cfg.sweep.dir or os.path.join("sweeps", cfg.run.name))
     name = os.path.basename(sweep_dir.rstrip("/")) or "sweep"
+    if a.controller_job and not slurm:
+        raise UsageError("--controller-job runs the controller as a SLURM job: give --slurm too")
+    if a.controller_job and os.environ.get(CONTROLLER_ENV) != "1":
+        script = controller_script(cfg, sweep_dir, name, [a.recipe, *[x for x in argv if x != a.recipe]])
+        if a.dry_run:
+            print(script, end="")
+            return 0
+        return submit_controller(script, sweep_dir, name)
     if a.dry_run:
         print(describe(spec, sweep_dir, slurm))
         return 0
@@ -88,6 +99,52 @@ def main(argv: list[str]) -> int:
     code = ctl.run()
     print(_status_text(sweep_dir), end="")
     return code
+
+
+CONTROLLER_ENV = "LAUNCHER_SWEEP_CONTROLLER_JOB"  # set in the controller's own SLURM job
+
+
+def controller_script(cfg: Any, sweep_dir: str, name: str, argv: list[str]) -> str:
+    """The sbatch script of the controller's job: one task on one CPU, requeueable, signalled (USR2, to the
+    controller itself: the shell execs it) signal_grace_s before its time limit. Every value on a line of its own
+    and shell-quoted; one with a line break is refused (exit 2)."""
+    import shlex
+
+    from ..recipe import script_value_problem
+
+    problems = [p for p in (script_value_problem(f"argument {i}", v) for i, v in enumerate(argv)) if p]
+    problems += [p for p in [script_value_problem("--dir", sweep_dir)] if p]
+    if problems:
+        raise RecipeError(problems)
+    s = cfg.slurm
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={shlex.quote('sweep-' + name)}",
+             f"#SBATCH --output={shlex.quote(os.path.join(sweep_dir, 'controller-%j.log'))}",
+             "#SBATCH --open-mode=append", "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=1", "#SBATCH --requeue",
+             f"#SBATCH --signal=B:USR2@{int(s.signal_grace_s)}", f"#SBATCH --time={int(s.time_min)}"]
+    lines += [f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in (("partition", s.partition), ("account", s.account),
+                                                                 ("qos", s.qos)) if v]
+    lines += [str(x) for x in (s.setup or [])]
+    lines += [f"export {CONTROLLER_ENV}=1", f"cd {shlex.quote(os.getcwd())}",
+              "exec " + " ".join(shlex.quote(x) for x in [sys.executable, "-m", "launcher", "sweep", *argv,
+                                                          "--dir", sweep_dir])]
+    return "\n".join(lines) + "\n"
+
+
+def submit_controller(script: str, sweep_dir: str, name: str) -> int:
+    import subprocess
+
+    from ..files import write_atomic
+
+    os.makedirs(sweep_dir, exist_ok=True)
+    r = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UsageError(f"sbatch refused the controller's job: {r.stderr.strip()}")
+    job = r.stdout.strip().split(";")[0]
+    write_atomic(os.path.join(sweep_dir, "controller-job.json"), json.dumps({"job_id": job}))
+    print(f"launch sweep: the controller of sweep {name} is SLURM job {job} "
+          f"(log: {os.path.join(sweep_dir, f'controller-{job}.log')}); follow it with "
+          f"launch sweep status {sweep_dir}", file=sys.stderr)
+    return 0
 
 
 def _trial_flags(a: argparse.Namespace) -> list[str]:
@@ -114,24 +171,28 @@ def describe(spec: Any, sweep_dir: str, slurm: bool) -> str:
 
 
 def _check_same_sweep(spec: Any, sweep_dir: str) -> None:
-    """The first start records what the sweep searches; a later start must search the same."""
+    """The first start writes DIR/sweep.yaml, the resolved sweep (its space, metric, sampler, ...); a later start
+    must search the same (trials, parallel, max_failures and the rest may change)."""
     from dataclasses import asdict
+
+    import yaml
 
     from ..files import write_atomic
 
-    path = os.path.join(sweep_dir, "spec.json")
-    mine = {k: v for k, v in asdict(spec).items() if k in FIXED}
-    mine = json.loads(json.dumps(mine, default=str))
+    path = os.path.join(sweep_dir, "sweep.yaml")
+    resolved = json.loads(json.dumps(asdict(spec), default=str))
+    mine = {k: resolved[k] for k in FIXED}
     try:
         with open(path) as f:
-            theirs = json.load(f)
+            theirs = yaml.safe_load(f)
     except FileNotFoundError:
         os.makedirs(sweep_dir, exist_ok=True)
-        write_atomic(path, json.dumps(mine, indent=2))
+        write_atomic(path, "# the sweep in this directory, resolved (launch sweep writes it at its first start)\n"
+                     + yaml.safe_dump(resolved, sort_keys=False))
         return
-    except (OSError, ValueError) as e:
+    except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"{path} is unreadable ({e}); it records what the sweep in {sweep_dir} searches") from None
-    differ = [k for k in FIXED if theirs.get(k) != mine.get(k)]
+    differ = [k for k in FIXED if not isinstance(theirs, dict) or theirs.get(k) != mine.get(k)]
     if differ:
         raise RecipeError([f"{sweep_dir} holds a sweep with another {k} ({json.dumps(theirs.get(k))}; this command: "
                            f"{json.dumps(mine.get(k))}); continue it with the same sweep or give another --dir"

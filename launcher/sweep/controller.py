@@ -1,5 +1,5 @@
 """The sweep controller: the one process that decides and records. It asks Optuna for a trial, starts it as an
-ordinary `launch` run in DIR/trials/<NNNN>/, reports the metric the trial records to Optuna, asks the trial to stop
+ordinary `launch` run in DIR/trial-<NNNN>/, reports the metric the trial records to Optuna, asks the trial to stop
 when the pruner says so, and tells Optuna how each trial ended. Trials write only their own run directories.
 
 Killed at any moment and started again on the same DIR, it loses nothing and runs no trial twice: the study holds
@@ -30,6 +30,7 @@ from ..errors import UsageError
 from ..files import STOP_REQUEST, write_atomic
 from . import records, study as study_mod
 from .spec import Spec, override
+from .command import CONTROLLER_ENV
 from .trials import LocalTrial, Slot, SlurmTrial, failure, launch_argv, local_slots
 
 POLL_S = 0.5
@@ -51,7 +52,7 @@ class Controller:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        os.makedirs(os.path.join(self.dir, "trials"), exist_ok=True)
+        os.makedirs(self.dir, exist_ok=True)
         lock = self._lock()
         try:
             return self._run()
@@ -67,7 +68,8 @@ class Controller:
             if not self.slots:
                 raise UsageError(f"no trial fits on this machine: {notes[0] if notes else ''}")
             self.free = list(self.slots)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        self.own_job = os.environ.get("SLURM_JOB_ID") if os.environ.get(CONTROLLER_ENV) == "1" else None
+        for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if self.own_job else ()):
             signal.signal(sig, self._on_signal)
         if self.spec.sampler == "grid":
             self._enqueue_grid()
@@ -85,7 +87,17 @@ class Controller:
                 self._record()
                 changed = False
         self._record(final=True)
+        if self.own_job and self.stopping == signal.SIGUSR2:  # a cancel (SIGTERM) is not requeued
+            self._requeue_own_job()
         return self._exit_code()
+
+    def _requeue_own_job(self) -> None:
+        """The controller's own SLURM job, signalled before its time limit or a preemption: requeue it; the next
+        controller follows the trials again by their job ids."""
+        import subprocess
+        r = subprocess.run(["scontrol", "requeue", str(self.own_job)], capture_output=True, text=True)
+        self._say(f"requeued this controller's job {self.own_job}" if r.returncode == 0 else
+                  f"scontrol requeue {self.own_job} failed: {r.stderr.strip()}; run the same command to continue")
 
     def _capacity(self) -> int:
         return len(self.free) if not self.slurm else self.spec.parallel - len(self.running)
@@ -94,6 +106,12 @@ class Controller:
         started = False
         while self._capacity() > 0:
             trials = self.study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == TrialState.RUNNING and t.number not in self.running]
+            if waiting:  # interrupted trials first (more of them than slots at the start): they resume
+                self._say(f"trial {waiting[0].number}: resuming in {self.run_dir(waiting[0].number)}")
+                self._start(waiting[0].number, waiting[0].params, resumed=True)
+                started = True
+                continue
             failed = sum(t.state == TrialState.FAIL for t in trials)
             asked = sum(t.state != TrialState.WAITING for t in trials)
             if failed >= self.spec.max_failures or asked >= self.spec.trials:
@@ -140,7 +158,7 @@ class Controller:
         return study_mod.last_event(run_dir) is not None
 
     def run_dir(self, number: int) -> str:
-        return os.path.join(self.dir, "trials", f"{number:04d}")
+        return os.path.join(self.dir, f"trial-{number:04d}")
 
     def trial_argv(self, number: int, params: dict[str, Any]) -> list[str]:
         """The trial's `launch`: the recipe, the sweep command's overrides, the trial's values, its own run (and

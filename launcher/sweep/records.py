@@ -60,6 +60,7 @@ def trial_rows(study: Any, controller: Any) -> list[dict[str, Any]]:
         failure = t.user_attrs.get("failure") or {}
         rows.append({"number": t.number, "state": state, "params": dict(t.params), "value": value,
                      "steps": last_step(run_dir), "run_dir": run_dir, "job_id": t.user_attrs.get("job_id"),
+                     "started": t.user_attrs.get("attempt_started"),
                      "pruned_after": t.user_attrs.get("prune_step"), "error": failure.get("error"),
                      "failed_rank": failure.get("rank"), "log": failure.get("log")})
     spec = controller.spec

@@ -356,7 +356,10 @@ class Trainer:
         """Every rank agreed to stop: write one committed checkpoint, leave a marker. A preemption signal leaves
         preempted.json (the SLURM node task requeues on it); a stop asked for in stop-request.json leaves
         stopped.json and takes the request away, so that launching the run again continues it."""
-        preempted = dist.STOP.signum is not None
+        # A signal may have reached one rank only: every rank learns whether any rank had one (a preemption,
+        # which requeues) or none did (a stop asked for in stop-request.json, which does not).
+        signalled = torch.tensor([float(dist.STOP.signum is not None)], device=self.device)
+        preempted = float(dist.all_reduce_mean(signalled)[0]) > 0
         log.warning("stop requested: checkpointing at step %d and exiting", pos.step)
         self._save(pos, "preemption signal" if preempted else "stop requested", final=True)
         self.ckpt.wait()
