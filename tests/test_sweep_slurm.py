@@ -112,7 +112,8 @@ def test_the_controller_as_a_requeueable_job_requeues_itself_and_follows_its_tri
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     log = (sweep_dir / f"controller-{job}.log").read_text()
-    assert "requeued this controller's job" in log and "following its SLURM job" in log, log[-3000:]
+    assert "requeued this controller's job" in log and "the 2 running SLURM trial(s) go on" in log, log[-3000:]
+    assert log.count("started on SLURM job") == 2, log[-3000:]  # the requeued controller submitted nothing again
     final = rows(sweep_dir)
     assert [r_["state"] for r_ in final] == ["COMPLETE", "COMPLETE"], (final, log[-3000:])
     for r_ in final:  # each trial ran once, in one job, while its controller was requeued

@@ -313,8 +313,12 @@ class Controller:
             return
         self.stopping = signum
         name = signal.Signals(signum).name
-        self._say(f"{name}: asking {len(self.running)} running trial(s) to checkpoint and stop; "
-                  f"`launch sweep` on this directory resumes them")
+        if self.slurm:
+            self._say(f"{name}: stopping; the {len(self.running)} running SLURM trial(s) go on, and `launch sweep` "
+                      f"on this directory follows them again")
+        else:
+            self._say(f"{name}: asking {len(self.running)} running trial(s) to checkpoint and stop; "
+                      f"`launch sweep` on this directory resumes them")
         for number in self.running:
             if self.slurm:
                 continue  # SLURM trials go on without the controller; the next one follows them again

@@ -128,6 +128,10 @@ def pictures(study: Any, sweep_dir: str) -> list[str]:
         from optuna.visualization import matplotlib as ovm
     except ImportError:
         return []
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
     made = []
     for name, draw in (("history", ovm.plot_optimization_history), ("parallel", ovm.plot_parallel_coordinate),
                        ("importances", ovm.plot_param_importances)):
