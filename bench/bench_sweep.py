@@ -100,8 +100,13 @@ def main() -> None:
                     costs += c
     print("controller overhead per trial (local, 1 process per trial, "
           f"{a.parallel} at a time, {len(costs)} trials)")
-    print(f"  controller: a trial's last step to the next trial's start on that slot: median "
-          f"{statistics.median(gaps):.2f} s, max {max(gaps):.2f} s")
+    ends, asks = [g[0] for g in gaps], [g[1] for g in gaps]
+    total = [a_ + b for a_, b in gaps]
+    print(f"  a trial's last step to the next trial's start on that slot: median {statistics.median(total):.2f} s, "
+          f"max {max(total):.2f} s")
+    print(f"    the trial's own exit (teardown, launch exits) until the controller sees it: median "
+          f"{statistics.median(ends):.2f} s")
+    print(f"    the controller: record, ask, start the next: median {statistics.median(asks):.3f} s")
     print(f"  launch: a trial's start to its first step (process, torch, process group): median "
           f"{statistics.median(starts):.2f} s")
     print(f"  a trial's first step to its last ({a.steps} steps): median {statistics.median(costs):.2f} s")
@@ -125,18 +130,18 @@ def slot_gaps(rows: list[dict]) -> tuple[list[float], list[float], list[float]]:
         ev = events(r["run_dir"])
         first = next(e["time"] for e in ev if e["event"] == "first_step")
         end = next(e["time"] for e in reversed(ev) if e["event"] in ("train_end", "stopped"))
-        spans.append((r["started"], first, end))
+        spans.append((r["started"], first, end, r["exited"]))
     spans.sort()
-    free: list[float] = []
+    free: list[tuple[float, float]] = []
     controller, starting = [], []
-    for started, first, end in spans:
+    for started, first, end, exited in spans:
         if len(free) >= PARALLEL[0]:
             earliest = min(free)
             free.remove(earliest)
-            controller.append(started - earliest)
+            controller.append((earliest[1] - earliest[0], started - earliest[1]))
             starting.append(first - started)
-        free.append(end)
-    return controller, starting, [e - f for _, f, e in spans]
+        free.append((end, exited))
+    return controller, starting, [e - f for _, f, e, _ in spans]
 
 
 PARALLEL = [2]

@@ -33,7 +33,7 @@ from .spec import Spec, override
 from .command import CONTROLLER_ENV
 from .trials import LocalTrial, Slot, SlurmTrial, failure, launch_argv, local_slots
 
-POLL_S = 0.5
+POLL_S = 0.2  # how often the controller reads its trials' metrics and exits (a stat and a read each)
 
 
 class Controller:
@@ -211,6 +211,7 @@ class Controller:
         rc = handle.poll()
         if rc is None:
             return changed
+        optuna.trial.Trial(self.study, self._trial_id(number)).set_user_attr("exited", time.time())
         del self.running[number]
         slot = self.slot_of.pop(number, None)
         if slot is not None:

@@ -60,7 +60,7 @@ def trial_rows(study: Any, controller: Any) -> list[dict[str, Any]]:
         failure = t.user_attrs.get("failure") or {}
         rows.append({"number": t.number, "state": state, "params": dict(t.params), "value": value,
                      "steps": last_step(run_dir), "run_dir": run_dir, "job_id": t.user_attrs.get("job_id"),
-                     "started": t.user_attrs.get("attempt_started"),
+                     "started": t.user_attrs.get("attempt_started"), "exited": t.user_attrs.get("exited"),
                      "pruned_after": t.user_attrs.get("prune_step"), "error": failure.get("error"),
                      "failed_rank": failure.get("rank"), "log": failure.get("log")})
     spec = controller.spec
@@ -81,8 +81,9 @@ def write_all(study: Any, spec: Any, sweep_dir: str, name: str, controller: Any,
     write_atomic(os.path.join(sweep_dir, "sweep.json"), json.dumps(data, indent=2, default=str))
     write_atomic(os.path.join(sweep_dir, "trials.csv"), to_csv(rows, [p.key for p in spec.params], spec.metric))
     best = next((r for r in rows if r["state"] == "COMPLETE"), None)
-    if best is not None:
+    if best is not None and getattr(controller, "best_written", None) != best["number"]:
         write_best(controller, best, os.path.join(sweep_dir, "best.yaml"))
+        controller.best_written = best["number"]
     if final:
         pictures(study, sweep_dir)
 
