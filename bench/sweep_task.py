@@ -1,7 +1,8 @@
 """A task with a known optimum for bench/bench_sweep.py: the recorded train/loss of a run is
 f(x, y) + 1 / sqrt(step), with f = (x - 0.3)^2 + (y + 0.2)^2 (its minimum 0 at x = 0.3, y = -0.2), so a
 sampler's best value after N trials measures how close it got, and the loss falls over the run as a real one does
-(a pruner can tell a bad trial early). Each step takes `step_s` seconds. `x` and `y` are the model's arguments, so a sweep searches model.x, model.y."""
+(a pruner can tell a bad trial early). Each step takes `step_s` seconds. `x` and `y` are the model's arguments,
+so a sweep searches model.x and model.y."""
 
 from __future__ import annotations
 
