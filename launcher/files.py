@@ -55,3 +55,14 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def tail_lines(path: str, n: int, max_bytes: int = 16384) -> list[str]:
+    """The last n lines of a text file, read from its last max_bytes ([] when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read().decode(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 from .. import hardware
 from ..errors import UsageError
+from ..files import tail_lines
 from ..monitor import log_path
 from . import rendezvous
 from .plan import DEVICE_ENV, Options, Plan
@@ -345,15 +346,12 @@ def _stable_run_id(endpoint: str) -> str:
     return hashlib.sha1(endpoint.encode()).hexdigest()[:12]
 
 
-def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12,
-                   restarts: int = 0) -> str:
-    """A plain report of failed ranks, first failure first: rank, host, exit code or signal, message, log."""
+def failed_ranks(failures: dict[int, Any], run_dir: str, host: str | None = None) -> list[dict[str, Any]]:
+    """The failed ranks as data, first failure first: rank, local rank, pid, host, how it ended (exit code or
+    signal), its error's last line (None when torch recorded none), its log, when."""
     host = host or socket.gethostname()
-    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp or 0, kv[0]))
-    after = f", after {restarts} restart{'s' if restarts != 1 else ''} (launch.max_restarts)" if restarts else ""
-    out = [f"launch: {len(ordered)} rank{'s' if len(ordered) != 1 else ''} failed "
-           f"(first failure first){after}\n"]
-    for rank, f in ordered:
+    out = []
+    for rank, f in sorted(failures.items(), key=lambda kv: (kv[1].timestamp or 0, kv[0])):
         if f.exitcode < 0:
             try:
                 how = f"killed by signal {signal.Signals(-f.exitcode).name}"
@@ -362,14 +360,28 @@ def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = No
         else:
             how = f"exit code {f.exitcode}"
         message = f.message if isinstance(f.message, str) else f.message.get("message", "")
-        path = log_path(run_dir, rank)
-        out.append(f"  rank {rank} (local rank {f.local_rank}, pid {f.pid}) on host {host}: {how}\n")
-        if message and not message.startswith("To enable traceback"):
-            out.append(f"    error: {message.strip().splitlines()[-1]}\n")
-        out.append(f"    log: {path}\n")
-        recent = _tail(path, 200)
+        error = (message.strip().splitlines()[-1] if message.strip() and not message.startswith("To enable traceback")
+                 else None)
+        out.append({"rank": rank, "local_rank": f.local_rank, "pid": f.pid, "host": host, "how": how, "error": error,
+                    "log": log_path(run_dir, rank), "time": f.timestamp})
+    return out
+
+
+def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = None, tail: int = 12,
+                   restarts: int = 0) -> str:
+    """A plain report of failed ranks, first failure first: rank, host, exit code or signal, message, log."""
+    ranks = failed_ranks(failures, run_dir, host)
+    after = f", after {restarts} restart{'s' if restarts != 1 else ''} (launch.max_restarts)" if restarts else ""
+    out = [f"launch: {len(ranks)} rank{'s' if len(ranks) != 1 else ''} failed (first failure first){after}\n"]
+    for r in ranks:
+        out.append(f"  rank {r['rank']} (local rank {r['local_rank']}, pid {r['pid']}) on host {r['host']}: "
+                   f"{r['how']}\n")
+        if r["error"]:
+            out.append(f"    error: {r['error']}\n")
+        out.append(f"    log: {r['log']}\n")
+        recent = tail_lines(r["log"], 200)
         lines = recent[-tail:]
-        note = nccl_watchdog_note(recent, run_dir, rank)
+        note = nccl_watchdog_note(recent, run_dir, r["rank"])
         if note:
             out.append(f"    {note}\n")
         if lines:
@@ -379,35 +391,13 @@ def failure_report(failures: dict[int, Any], run_dir: str, host: str | None = No
 
 
 def _write_failure_json(failures: dict[int, Any], run_dir: str) -> None:
-    """RUN_DIR/failure.json: the failed ranks as data, first failure first (what `launch sweep` reports)."""
+    """RUN_DIR/failure.json: the failed ranks as data (failed_ranks), what `launch sweep` reports of a trial."""
     import json
 
     from ..files import write_atomic
 
-    ranks = []
-    for rank, f in sorted(failures.items(), key=lambda kv: (kv[1].timestamp or 0, kv[0])):
-        message = f.message if isinstance(f.message, str) else f.message.get("message", "")
-        error = message.strip().splitlines()[-1] if message and not message.startswith("To enable") else None
-        if f.exitcode < 0:
-            try:
-                how = f"killed by signal {signal.Signals(-f.exitcode).name}"
-            except ValueError:
-                how = f"killed by signal {-f.exitcode}"
-        else:
-            how = f"exit code {f.exitcode}"
-        ranks.append({"rank": rank, "host": socket.gethostname(), "how": how, "error": error,
-                      "log": log_path(run_dir, rank), "time": f.timestamp})
     try:
-        write_atomic(os.path.join(run_dir, "failure.json"), json.dumps({"ranks": ranks}, indent=2))
+        write_atomic(os.path.join(run_dir, "failure.json"),
+                     json.dumps({"ranks": failed_ranks(failures, run_dir)}, indent=2))
     except OSError:
         pass
-
-
-def _tail(path: str, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            return f.read().decode(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []

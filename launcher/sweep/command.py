@@ -113,7 +113,8 @@ def controller_script(cfg: Any, sweep_dir: str, name: str, argv: list[str]) -> s
     from ..recipe import script_value_problem
 
     problems = [p for p in (script_value_problem(f"argument {i}", v) for i, v in enumerate(argv)) if p]
-    problems += [p for p in [script_value_problem("--dir", sweep_dir)] if p]
+    problems += [p for p in (script_value_problem(k, v) for k, v in (("--dir", sweep_dir), ("the working directory",
+                 os.getcwd()), ("the Python interpreter's path", sys.executable))) if p]
     if problems:
         raise RecipeError(problems)
     s = cfg.slurm

@@ -45,6 +45,7 @@ class Controller:
         self.running: dict[int, Any] = {}  # trial number -> LocalTrial | SlurmTrial
         self.attempt: dict[int, float] = {}  # trial number -> when its current attempt started
         self.reported: dict[int, int] = {}  # trial number -> the last step reported to Optuna
+        self.metrics: dict[int, study_mod.MetricRows] = {}  # trial number -> its metric, read as it grows
         self.stopping: int | None = None
         self.slots: list[Slot] = []
         self.free: list[Slot] = []
@@ -144,7 +145,7 @@ class Controller:
                     self.running[t.number] = SlurmTrial(t.number, run_dir, str(job_id))
                     self.attempt[t.number] = float(t.user_attrs.get("attempt_started", time.time()))
                     continue
-                if self._ended_before(t, run_dir):
+                if study_mod.last_event(run_dir) is not None:  # its job ended while no controller watched
                     self.running[t.number] = SlurmTrial(t.number, run_dir, str(job_id))
                     self.attempt[t.number] = float(t.user_attrs.get("attempt_started", 0))
                     continue
@@ -152,10 +153,6 @@ class Controller:
                 break  # more interrupted trials than slots: the rest start as slots free up (in _start_new)
             self._say(f"trial {t.number}: resuming in {run_dir}")
             self._start(t.number, t.params, resumed=True)
-
-    def _ended_before(self, t: optuna.trial.FrozenTrial, run_dir: str) -> bool:
-        """A SLURM trial whose job ended while no controller watched: judge it from its files."""
-        return study_mod.last_event(run_dir) is not None
 
     def run_dir(self, number: int) -> str:
         return os.path.join(self.dir, f"trial-{number:04d}")
@@ -223,7 +220,10 @@ class Controller:
 
     def _report(self, number: int, run_dir: str) -> bool:
         """The trial's new values of the metric, to Optuna; a stop request when the pruner says so."""
-        rows = study_mod.metric_rows(run_dir, self.spec)
+        reader = self.metrics.get(number)
+        if reader is None:
+            reader = self.metrics[number] = study_mod.MetricRows(run_dir, self.spec)
+        rows = reader.read()
         new = sorted(s for s in rows if s > self.reported.get(number, -1))
         if not new:
             return False
@@ -254,7 +254,8 @@ class Controller:
             records.write_hparams_end(run_dir, "pruned")
             return
         if rc == 0 and event is not None and event["event"] == "train_end":
-            rows = study_mod.metric_rows(run_dir, self.spec)
+            rows = self.metrics.pop(number).read() if number in self.metrics else \
+                study_mod.metric_rows(run_dir, self.spec)
             value = study_mod.objective(rows, self.spec)
             if value is None:
                 self._fail(number, {"error": f"the run recorded no {self.spec.metric}", "log": run_dir})

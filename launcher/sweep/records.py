@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from ..files import write_atomic
+from ..files import tail_lines, write_atomic
 
 STATE_NAMES = {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED", "FAIL": "FAILED", "RUNNING": "RUNNING",
                "WAITING": "WAITING"}
@@ -23,14 +23,7 @@ ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "PREEMPTED": 2, "WAITING": 3,
 
 def last_step(run_dir: str) -> int | None:
     """The trial's latest logged step (metrics.jsonl's last row)."""
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
+    for line in reversed(tail_lines(os.path.join(run_dir, "metrics.jsonl"), 20, 4096)):
         try:
             return int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):

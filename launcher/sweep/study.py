@@ -121,24 +121,40 @@ def args_problem(spec: Spec) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- trial metrics
 
+class MetricRows:
+    """A trial's recorded values of the sweep's metric by step, read as its file grows: each call reads only what
+    was appended since the last (the controller polls every trial several times a second). The latest row of a
+    step wins: a resumed run logs the steps after its checkpoint again. A line still being written waits."""
+
+    def __init__(self, run_dir: str, spec: Spec) -> None:
+        name, self.key = spec.source
+        self.path = os.path.join(run_dir, name)
+        self.offset = 0
+        self.rows: dict[int, float] = {}
+
+    def read(self) -> dict[int, float]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.rows
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            v = row.get(self.key) if isinstance(row, dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(row.get("step"), int):
+                self.rows[row["step"]] = float(v)
+        return self.rows
+
+
 def metric_rows(run_dir: str, spec: Spec) -> dict[int, float]:
-    """The trial's recorded values of the sweep's metric by step (the latest row of a step wins: a resumed run logs
-    the steps after its checkpoint again)."""
-    name, key = spec.source
-    out: dict[int, float] = {}
-    try:
-        with open(os.path.join(run_dir, name)) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line being written
-                v = row.get(key) if isinstance(row, dict) else None
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(row.get("step"), int):
-                    out[row["step"]] = float(v)
-    except FileNotFoundError:
-        pass
-    return out
+    """The trial's values of the metric by step, the whole file read once."""
+    return MetricRows(run_dir, spec).read()
 
 
 def objective(rows: dict[int, float], spec: Spec) -> float | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import hardware
+from ..files import tail_lines
 
 
 @dataclass
@@ -115,7 +116,7 @@ class LocalTrial:
         self.proc.wait()
 
     def output_tail(self, n: int = 20) -> list[str]:
-        return _tail(self.out_path, n)
+        return tail_lines(self.out_path, n)
 
 
 class SlurmTrial:
@@ -139,7 +140,7 @@ class SlurmTrial:
         job_id = job_id_of(run_dir)
         if r.returncode != 0 or job_id is None:
             raise RuntimeError(f"the trial's submission failed (exit {r.returncode}): "
-                               f"{' | '.join(_tail(out_path, 3))}")
+                               f"{' | '.join(tail_lines(out_path, 3))}")
         return cls(number, run_dir, job_id)
 
     def poll(self) -> int | None:
@@ -160,7 +161,7 @@ class SlurmTrial:
         subprocess.run(["scancel", self.job_id], capture_output=True)
 
     def output_tail(self, n: int = 20) -> list[str]:
-        return _tail(self.out_path, n)
+        return tail_lines(self.out_path, n)
 
 
 def job_id_of(run_dir: str) -> str | None:
@@ -190,16 +191,6 @@ def failure(run_dir: str, rc: int | None, out_tail: list[str], since: float = 0.
     errors = [ln for ln in lines if "error" in ln.lower()]
     return {"rank": None, "host": None, "error": (errors or lines or [f"exit {rc}"])[-1].strip()[:300],
             "log": os.path.join(run_dir, "sweep-launch.log"), "exit": rc}
-
-
-def _tail(path: str, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            return f.read().decode(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
 
 
 def launch_argv() -> list[str]:
