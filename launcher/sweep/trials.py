@@ -4,10 +4,10 @@ directory, on this machine (a child process on its share of the GPUs and CPUs) o
 Locally every trial gets a slot: its own GPUs (CUDA_VISIBLE_DEVICES; never two trials on one GPU) or, without
 GPUs, its own CPUs (the trial's `launch` runs on that CPU set, and gives each rank its share of it as
 OMP_NUM_THREADS). A trial runs in a session of its own, so a Ctrl-C meant for the controller reaches the controller
-alone (which then asks each trial to checkpoint and stop), and it dies with the controller (PR_SET_PDEATHSIG): a
-controller killed outright leaves no trial running unwatched, and the next controller resumes each from its own
-checkpoint. A SLURM trial is a job of its own and outlives the controller; the next controller finds it by the job
-id in the trial's launch.json.
+alone (which then asks each trial to checkpoint and stop), and every process of the trial dies with the
+controller (launcher.sweep.guard, PR_SET_PDEATHSIG): a controller killed outright leaves no trial running
+unwatched, and the next controller resumes each from its own checkpoint. A SLURM trial is a job of its own and
+outlives the controller; the next controller finds it by the job id in the trial's launch.json.
 """
 
 from __future__ import annotations
@@ -73,14 +73,6 @@ def _visible_gpu_ids(count: int) -> list[int]:
     return list(range(count))
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalTrial:
     """A trial's `launch` as a child of the controller."""
 
@@ -96,12 +88,12 @@ class LocalTrial:
         cpus = slot.cpus
 
         def child() -> None:
-            _die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, preexec_fn=child)
+        guard = [sys.executable, "-m", "launcher.sweep.guard", str(os.getpid())]  # ends the trial with us
+        self.proc = subprocess.Popen(guard + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True, preexec_fn=child)
         out.close()
         self.started = time.time()
 
@@ -109,11 +101,16 @@ class LocalTrial:
         return self.proc.poll()
 
     def kill(self) -> None:
+        """Every process of the trial, now: the guard SIGKILLs all it started (ranks in sessions of their own too)."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
 
     def output_tail(self, n: int = 20) -> list[str]:
         return tail_lines(self.out_path, n)
