@@ -4,8 +4,9 @@
     scripts/gpu-check.sh [WHEEL_DIR]      # on a CUDA machine without network: installs, runs these, prints a table
 
 Marked `gpu` and deselected by default (CI has no GPU, and under CI nothing may skip). On a machine without CUDA
-every test here fails at once saying so. Tests that need two GPUs skip on a one-GPU machine, saying why (conftest.require: under CI=true they fail). Each test
-records a row (check, result, figure) in $LAUNCHER_GPU_TABLE when set (scripts/gpu-check.sh prints them).
+every test here fails at once saying so. Tests that need two GPUs skip on a one-GPU machine, saying why
+(conftest.require: under CI=true they fail). Each test records a row (check, result, figure) in
+$LAUNCHER_GPU_TABLE when set (scripts/gpu-check.sh prints them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ checkpoint: {every_steps: 6, keep: 0}
 def gpus() -> int:
     if not torch.cuda.is_available():
         pytest.fail("the GPU tests need a CUDA (or ROCm) device: torch.cuda.is_available() is False here "
-                    f"(torch {torch.__version__}, CUDA {torch.version.cuda}, HIP {getattr(torch.version, 'hip', None)})")
+                    f"(torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                    f"HIP {getattr(torch.version, 'hip', None)})")
     return torch.cuda.device_count()
 
 
@@ -224,6 +226,32 @@ def test_steps_per_second_against_the_hand_written_loop_on_the_same_gpu():
     assert m, r.stdout
     record("steps/s vs hand-written DDP (NCCL both)", "pass", f"{m.group(1)} vs {m.group(2)}: ratio {m.group(3)}")
     print(r.stdout)
+
+
+def test_sweep_trials_each_get_gpus_of_their_own(tmp_path):
+    """Two 1-GPU trials, 2 at a time: on one GPU they run one after the other (never two on one GPU), on two or
+    more each on its own GPU; every trial trains on CUDA with NCCL."""
+    pytest.importorskip("optuna", reason="launch sweep needs the sweep extra (pip install 'launcher[sweep]')")
+    have = gpus()
+    recipe = write_recipe(tmp_path, "trainer.max_steps=12", "sweep={metric: train/loss, sampler: grid, parallel: 2, "
+                          "params: {optimizer.lr: {type: choice, values: [0.001, 0.003]}}}", base=RECIPE,
+                          name="gpu.yaml")
+    r = subprocess.run([str(Path(sys.executable).parent / "launch"), "sweep", recipe, "--dir", str(tmp_path / "sw"),
+                        "--gpus", "1"], cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["trials"]
+    assert [row["state"] for row in rows] == ["COMPLETE", "COMPLETE"], rows
+    placed = re.findall(r"trial (\d) started on GPUs (\S+)", r.stderr)
+    assert len(placed) == 2, r.stderr[-3000:]
+    for row in rows:
+        assert "backend nccl" in (Path(row["run_dir"]) / "logs" / "rank0.log").read_text()
+    if have >= 2:
+        assert placed[0][1] != placed[1][1], placed  # side by side, each on its own GPU
+        figure = f"trials on GPUs {placed[0][1]} and {placed[1][1]} at once"
+    else:
+        assert "1 GPU holds 1 trial of 1 GPU at once: running 1 at a time" in r.stderr, r.stderr[-3000:]
+        figure = "one GPU: one trial at a time"
+    record("sweep: a GPU per trial", "pass", figure)
 
 
 # ----------------------------------------------------------------------------------------------- two GPUs or more

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .. import hardware
 from ..files import tail_lines
@@ -28,49 +28,92 @@ from ..files import tail_lines
 @dataclass
 class Slot:
     index: int
-    gpus: list[int] | None  # GPU indices (CUDA_VISIBLE_DEVICES), None on a machine without GPUs
+    gpus: list[str] | None  # the trial's GPUs as its visibility variable names them; None on a machine without GPUs
     cpus: list[int] | None  # the CPU set (None: no affinity, as where sched_setaffinity is missing)
+    gpu_var: str = "CUDA_VISIBLE_DEVICES"  # the variable that narrows the trial's GPUs (HIP_VISIBLE_DEVICES on ROCm)
 
     def describe(self) -> str:
+        cpus = f"CPUs {_ranges(self.cpus)}" if self.cpus else ""
         if self.gpus is not None:
-            return f"GPUs {','.join(map(str, self.gpus))}"
-        return f"CPUs {','.join(map(str, self.cpus))}" if self.cpus else "the machine"
+            return f"GPUs {','.join(self.gpus)}" + (f" and {cpus}" if cpus else "")
+        return cpus or "the machine"
 
 
-def local_slots(parallel: int, procs: int) -> tuple[list[Slot], list[str]]:
-    """Up to `parallel` slots for trials of `procs` processes each, and notes on what was narrowed."""
+def _ranges(cpus: list[int]) -> str:
+    """0,1,2,3,6 as 0-3,6."""
+    out, i = [], 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def local_slots(parallel: int, procs: int, gpus: int | None = None, cpus: list[int] | None = None,
+                environ: Mapping[str, str] | None = None) -> tuple[list[Slot], list[str]]:
+    """Up to `parallel` slots for trials of `procs` processes each, and notes on what was narrowed.
+
+    With GPUs every slot holds `procs` GPUs of its own, never shared, and fewer trials run at once when the GPUs
+    cannot hold `parallel` of them; each slot also gets its share of the CPUs, so that the ranks of trials side by
+    side do not each take the whole machine's threads. Without GPUs a slot is its share of the CPUs. `gpus`, `cpus`
+    and `environ` are what this process sees (the visible GPU count, its CPU affinity, its environment) unless
+    given."""
+    env = os.environ if environ is None else environ
     notes = []
-    gpus = hardware.visible_gpu_count()
+    gpus = hardware.visible_gpu_count(environ=env) if gpus is None else gpus
+    if cpus is None:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:
+            cpus = []
     if gpus:
         fit = gpus // procs
         if fit == 0:
             return [], [f"a trial needs {procs} GPUs and {gpus} are visible"]
         if fit < parallel:
-            notes.append(f"sweep.parallel={parallel}, but {gpus} GPUs hold {fit} trial{'s' if fit != 1 else ''} of "
+            hold = f"{gpus} GPUs hold" if gpus != 1 else "1 GPU holds"
+            notes.append(f"sweep.parallel={parallel}, but {hold} {fit} trial{'s' if fit != 1 else ''} of "
                          f"{procs} GPU{'s' if procs != 1 else ''} at once: running {fit} at a time")
-        visible = _visible_gpu_ids(gpus)
+        var, visible = gpu_ids(gpus, env)
         n = min(parallel, fit)
-        return [Slot(i, visible[i * procs:(i + 1) * procs], None) for i in range(n)], notes
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:
+        shares = _cpu_shares(cpus, n) if len(cpus) >= n else [None] * n
+        return [Slot(i, visible[i * procs:(i + 1) * procs], shares[i], var) for i in range(n)], notes
+    if not cpus:
         return [Slot(i, None, None) for i in range(parallel)], notes
     if len(cpus) < parallel:
         notes.append(f"sweep.parallel={parallel} trials share {len(cpus)} CPUs: trials share CPUs")
         return [Slot(i, None, [cpus[i % len(cpus)]]) for i in range(parallel)], notes
-    share = len(cpus) // parallel
-    return [Slot(i, None, cpus[i * share:(i + 1) * share]) for i in range(parallel)], notes
+    return [Slot(i, None, share) for i, share in enumerate(_cpu_shares(cpus, parallel))], notes
 
 
-def _visible_gpu_ids(count: int) -> list[int]:
-    """The indices a child's CUDA_VISIBLE_DEVICES may name: as this process sees them (0..count-1 renumbered by
-    the driver within any CUDA_VISIBLE_DEVICES of ours), kept as our own list when we have one."""
-    ours = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if ours:
-        ids = [x.strip() for x in ours.split(",") if x.strip()]
-        if len(ids) >= count and all(x.isdigit() for x in ids):
-            return [int(x) for x in ids[:count]]
-    return list(range(count))
+def _cpu_shares(cpus: list[int], n: int) -> list[list[int]]:
+    share = len(cpus) // n
+    return [cpus[i * share:(i + 1) * share] for i in range(n)]
+
+
+def gpu_ids(count: int, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The variable that narrows a child's GPUs, and the `count` entries it may name, as this process sees them.
+
+    A child inherits our environment, and its list replaces ours: so it must name GPUs as ours does. When we are
+    narrowed already (SLURM's CUDA_VISIBLE_DEVICES=2,3, or GPU UUIDs, or MIG instances), the entries are ours,
+    copied as they are; otherwise the indices 0..count-1. On ROCm the child's list goes into HIP_VISIBLE_DEVICES
+    when that narrowed us (beneath any ROCR_VISIBLE_DEVICES, which the child inherits as it is)."""
+    var = "CUDA_VISIBLE_DEVICES"
+    if not hardware.nvidia_gpu_count() and environ.get("HIP_VISIBLE_DEVICES") is not None:
+        var = "HIP_VISIBLE_DEVICES"
+    ours = environ.get(var)
+    if ours is not None:
+        ids = []
+        for item in ours.split(","):
+            item = item.strip()
+            if not item or item.startswith("-"):
+                break  # where the runtimes stop reading
+            ids.append(item)
+        if len(ids) >= count:
+            return var, ids[:count]
+    return var, [str(i) for i in range(count)]
 
 
 class LocalTrial:
@@ -81,7 +124,7 @@ class LocalTrial:
         env = dict(os.environ)
         env.pop("OMP_NUM_THREADS", None)  # the trial's launch sets it from its own CPU set
         if slot.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
+            env[slot.gpu_var] = ",".join(slot.gpus)
         os.makedirs(run_dir, exist_ok=True)
         self.out_path = os.path.join(run_dir, "sweep-launch.log")
         out = open(self.out_path, "ab")
