@@ -17,7 +17,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from . import __version__, backends
+from . import __version__, backends, procs
 from .errors import LauncherError, UsageError
 from .files import write_atomic
 
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`launch --explain | head`): no traceback at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
-    if argv is None:
-        sys.exit(code)
+    if argv is None:  # the command: leave without the interpreter's teardown of torch (procs.exit_now)
+        procs.exit_now(code)
     return code
 
 

@@ -15,22 +15,18 @@ that call destroy_process_group while their DDP model still holds the group).
 
 from __future__ import annotations
 
-import atexit
-import gc
-import io
 import logging
 import multiprocessing
 import os
 import runpy
 import signal
 import sys
-import threading
 import traceback
 from types import FrameType
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import dist, monitor, recipe
+from . import dist, monitor, procs, recipe
 
 log = logging.getLogger("launcher")
 
@@ -192,7 +188,7 @@ def run_rank(run_dir: str) -> None:
     and its DataLoader would start a fork server of its own), and numpy's global generator seeded afresh (a forked
     one would repeat the server's numbers on every rank). It returns instead of exiting, because multiprocessing
     hands the return value to the agent; multiprocessing then ends the process without the interpreter's
-    finalization (see `exit_now`), after what `_leave` ran here."""
+    finalization (see `exit_now`), after what `procs.leave` ran here."""
     die_with_agent()
     _let_the_fork_server_end_with_the_agent()
     try:
@@ -213,7 +209,7 @@ def run_rank(run_dir: str) -> None:
             traceback.print_exc()
         raise
     finally:
-        _leave()
+        procs.leave(open_files=True)
 
 
 def _let_the_fork_server_end_with_the_agent() -> None:
@@ -242,42 +238,11 @@ def _let_the_fork_server_end_with_the_agent() -> None:
             pass
 
 
-def _leave() -> None:
-    """What a normal exit does for Python code, minus the interpreter's finalization: join the non-daemon threads,
-    run the atexit handlers (logging, W&B), flush every open Python file."""
-    shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, as interpreter exit does
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
-    is_file: dict[type, bool] = {}  # one subclass check per type: a rank holds a few hundred thousand objects
-    for obj in gc.get_objects():  # buffered data of files a script left open would be lost otherwise
-        # type(), not isinstance(): isinstance reads obj.__class__, which a dead weak proxy or a deprecated
-        # module attribute answers with an error or a warning
-        tp = type(obj)
-        try:
-            file = is_file[tp]
-        except KeyError:
-            file = is_file[tp] = issubclass(tp, io.IOBase)
-        except TypeError:  # a metaclass that leaves its classes unhashable
-            file = issubclass(tp, io.IOBase)
-        if file:
-            try:
-                if not obj.closed:
-                    obj.flush()
-            except Exception:  # a file that cannot flush now could not at exit either
-                pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
 def exit_now(code: int) -> None:
     """Leave the process with `code` after what a normal exit does for Python code, minus the interpreter's
     finalization: once gloo and DDP were used, that aborts the process now and then (SIGABRT, "terminate called
     without an active exception", no Python frame left), which would turn a finished rank into a failed one."""
-    _leave()
+    procs.leave(open_files=True)
     os._exit(code)
 
 

@@ -208,13 +208,13 @@ def test_the_fork_server_keeps_the_signal_mask_that_its_ranks_inherit(tmp_path):
     if __name__ == "__main__":
         held = {signal.SIGTERM, signal.SIGUSR2}
         signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        local._start_fork_server(%r)
+        local._start_fork_server()
         q = multiprocessing.get_context("forkserver").SimpleQueue()
         p = multiprocessing.get_context("forkserver").Process(target=mask, args=(q,))
         p.start()
         print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())) == sorted(held), q.get() == sorted(held))
         p.join()
-""" % str(tmp_path)
+"""
     (tmp_path / "probe_mask.py").write_text(code)
     r = subprocess.run([sys.executable, str(tmp_path / "probe_mask.py")], capture_output=True, text=True,
                        env=launch_env(), timeout=120)

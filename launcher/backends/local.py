@@ -138,21 +138,31 @@ def run(p: Plan) -> int:
 def start(p: Plan) -> int:
     """Start the workers of this node and wait; returns the exit code for `launch` (each SLURM node task calls
     this directly)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
-
-    check_device(p)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.update(p.env)
-    _stop_children_of_failed_ranks(os.path.join(p.run_dir, "events.jsonl"))
     # The agent's shared store outlives a restart of the group, and restarted workers then read the previous
     # attempt's gloo addresses and fail to connect. A store of their own per attempt (hosted by rank 0) avoids it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     single = p.rdzv_endpoint.startswith("localhost:0")
     endpoint = "localhost:0" if single else p.rdzv_endpoint
+    local_addr = None
+    if not single:
+        host, _, port = endpoint.rpartition(":")
+        local_addr = rendezvous.local_addr_towards(host, int(port))
+        os.environ.update(socket_interface_env(local_addr, os.environ))
+    os.environ["LAUNCHER_AGENT_PID"] = str(os.getpid())  # the ranks' parent may be the fork server instead
+    if p.preload_workers:
+        # First, with the ranks' environment complete: the server imports torch and the launcher in a process of
+        # its own while this one imports torch's agent below (two imports of seconds each, side by side).
+        _start_fork_server()
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check_device(p)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _stop_children_of_failed_ranks(os.path.join(p.run_dir, "events.jsonl"))
     # join_timeout: how long nodes wait for each other (c10d); timeout: the same for a static rendezvous;
     # read_timeout: how long a node waits for the store at the endpoint to answer (torch's 60 s is too short when
     # the host node starts late).
@@ -160,27 +170,22 @@ def start(p: Plan) -> int:
     rdzv_configs: dict[str, Any] = {"timeout": t, "join_timeout": t, "read_timeout": t}
     if p.node_rank is not None:
         rdzv_configs["rank"] = p.node_rank
-    local_addr = None
     watch = None
     store = None
-    if not single:
-        host, _, port = endpoint.rpartition(":")
-        local_addr = rendezvous.local_addr_towards(host, int(port))
-        os.environ.update(socket_interface_env(local_addr, os.environ))
-        if p.rdzv_backend == "c10d":
-            # Decided here, not by torch's guess from the host name: every agent on the endpoint's machine would
-            # guess it hosts, and one that misses an address of a secondary interface hosts nothing.
-            if rendezvous.is_local_address(host):
-                store = rendezvous.claim_store(host, int(port), t)
-            rdzv_configs["is_host"] = store is not None
-            if store is not None:
-                sys.stderr.write(f"launch: this node hosts the rendezvous store at {endpoint}\n")
-            watch = rendezvous.RendezvousWatch(host, int(port), p.run_id, p.nodes, t).start()
-    os.environ["LAUNCHER_AGENT_PID"] = str(os.getpid())  # the ranks' parent may be the fork server instead
+    if not single and p.rdzv_backend == "c10d":
+        # Decided here, not by torch's guess from the host name: every agent on the endpoint's machine would
+        # guess it hosts, and one that misses an address of a secondary interface hosts nothing.
+        if rendezvous.is_local_address(host):
+            store = rendezvous.claim_store(host, int(port), t)
+        rdzv_configs["is_host"] = store is not None
+        if store is not None:
+            sys.stderr.write(f"launch: this node hosts the rendezvous store at {endpoint}\n")
+        watch = rendezvous.RendezvousWatch(host, int(port), p.run_id, p.nodes, t).start()
     entrypoint: Any = p.entrypoint[0]
     args: list[Any] = p.entrypoint[1:]
     if p.preload_workers:
-        entrypoint, args = _start_fork_server(p.run_dir)
+        from ..worker import run_rank
+        entrypoint, args = run_rank, [p.run_dir]
     config = LaunchConfig(
         min_nodes=p.nodes, max_nodes=p.nodes, nproc_per_node=p.procs_per_node, run_id=p.run_id,
         rdzv_backend=p.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
@@ -238,14 +243,12 @@ def socket_interface_env(local_addr: str | None, environ: Mapping[str, str],
     return {name: value for name, value in wanted.items() if name not in environ}
 
 
-def _start_fork_server(run_dir: str) -> tuple[Any, list[Any]]:
-    """Start this node's fork server now, with the environment the ranks get (everything above has set it): it
+def _start_fork_server() -> None:
+    """Start this node's fork server now, with the environment the ranks get (the caller has set all of it): it
     imports torch and the launcher (launcher.preload) while the agents meet, and every rank is then forked from it.
-    Returns the entrypoint and its arguments for torch's agent."""
+    Imports nothing of torch here: the server's imports and the agent's run side by side."""
     import multiprocessing
     from multiprocessing import forkserver, resource_tracker
-
-    from ..worker import run_rank
 
     multiprocessing.set_forkserver_preload(["launcher.preload"])
     # The ranks inherit the server's signal mask (under SLURM SIGTERM and SIGUSR2 stay blocked from the start, see
@@ -255,7 +258,6 @@ def _start_fork_server(run_dir: str) -> tuple[Any, list[Any]]:
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     forkserver.ensure_running()
-    return run_rank, [run_dir]
 
 
 def _stop_children_of_failed_ranks(events_path: str) -> None:
@@ -296,6 +298,7 @@ def _stop_children_of_failed_ranks(events_path: str) -> None:
 
     def _join(self: Any, *args: Any, **kwargs: Any) -> Any:
         failed = {i: p.pid for i, p in enumerate(self.processes) if p.exitcode not in (None, 0)}
+        _first_failure_first(self, failed)
         first = _kill_failed_groups(self, events_path, failed)
         try:
             return join(self, *args, **kwargs)
@@ -305,6 +308,30 @@ def _stop_children_of_failed_ranks(events_path: str) -> None:
 
     _join.__wrapped__ = join  # type: ignore[attr-defined]
     ProcessContext.join = _join  # type: ignore[method-assign]
+
+
+def _first_failure_first(context: Any, failed: dict[int, int]) -> None:
+    """Make torch's join report the rank that failed first. It reports the first failed process in the order of its
+    sentinels (rank order), so when a rank raises and its peer fails a moment later on the closed connection, both
+    within one poll, the peer (rank 0) would be named. Of the ranks failed by now the first is one a signal killed
+    from outside (no error of its own, and the others' errors follow from it; the agent has signalled none yet),
+    else the one whose error file was written first; its sentinel goes first, and the other failed ones out of the
+    way (they are reaped already, and join ends every process anyway)."""
+    sentinels = getattr(context, "sentinels", None)
+    if not failed or not isinstance(sentinels, dict):
+        return
+
+    def when(i: int) -> tuple[int, float]:
+        try:  # torch.multiprocessing's error file of the rank: written when its exception reached the top
+            return 1, os.path.getmtime(context.error_files[i])
+        except (OSError, TypeError, IndexError, AttributeError):
+            return (0, 0.0) if (context.processes[i].exitcode or 0) < 0 else (1, float("inf"))
+
+    first = min(failed, key=lambda i: (*when(i), i))
+    ordered = {s: i for s, i in sentinels.items() if i == first}
+    ordered.update({s: i for s, i in sentinels.items() if i not in failed})
+    sentinels.clear()
+    sentinels.update(ordered)
 
 
 def _kill_failed_groups(context: Any, events_path: str, failed: dict[int, int]) -> bool:
