@@ -35,10 +35,29 @@ _LEAVING = False  # set as the worker's `finally` begins: from then on no signal
 _PRINTED: BaseException | None = None  # the error whose traceback main() wrote, so that it is written once
 
 
+_DONE = False  # set once the rank has left (procs.leave ran): from then on SIGTERM ends the process at once
+_TERM_PENDING: int | None = None  # a SIGTERM that came while the rank was leaving
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # The agent stops the surviving ranks with SIGTERM when one fails: unwind so `finally` blocks run.
+    # The agent stops the surviving ranks with SIGTERM when one fails: unwind so `finally` blocks run. A rank that
+    # is leaving already finishes that first (its files and atexit handlers), then ends: a finished rank forked
+    # from the fork server waits for the agent's word that every rank is done, which never comes once a peer has
+    # failed, and would otherwise sit out torch's 30 s before its SIGKILL.
+    global _TERM_PENDING
+    if _DONE:
+        os._exit(128 + signum)
     if not _LEAVING:
         raise SystemExit(128 + signum)
+    _TERM_PENDING = signum
+
+
+def _left() -> None:
+    """The rank has left (procs.leave ran): a SIGTERM that came meanwhile ends it now, a later one at once."""
+    global _DONE
+    _DONE = True
+    if _TERM_PENDING is not None:
+        os._exit(128 + _TERM_PENDING)
 
 
 def install_signal_handlers() -> None:
@@ -210,6 +229,7 @@ def run_rank(run_dir: str) -> None:
         raise
     finally:
         procs.leave(open_files=True)
+        _left()
 
 
 def _let_the_fork_server_end_with_the_agent() -> None:
