@@ -3,7 +3,7 @@ guard's own process group (the controller starts the guard in a session of its o
 is gone (PR_SET_PDEATHSIG), SIGKILLs everything below it: `launch`, its fork server and every rank and loader
 worker at once. Without it, ranks forked from the fork server outlive a killed controller by seconds, long enough
 to write into a run directory the next controller is already resuming. Exits with the trial's exit code (128+N for
-a signal N). Standard library only: it starts in milliseconds.
+a signal N). It imports nothing beyond the standard library and launcher.procs: it starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -13,21 +13,13 @@ import signal
 import subprocess
 import sys
 
+from launcher.procs import children_by_parent  # standard library only, as this guard
+
 
 def _descendants(root: int) -> list[int]:
     """Every process below `root`, from /proc's parent links (ranks run in sessions of their own, so the guard's
     process group alone does not hold them)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])  # after "pid (comm) state"
-        children.setdefault(ppid, []).append(int(entry))
+    children = children_by_parent()
     out, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
