@@ -261,8 +261,10 @@ def _let_the_fork_server_end_with_the_agent() -> None:
 def exit_now(code: int) -> None:
     """Leave the process with `code` after what a normal exit does for Python code, minus the interpreter's
     finalization: once gloo and DDP were used, that aborts the process now and then (SIGABRT, "terminate called
-    without an active exception", no Python frame left), which would turn a finished rank into a failed one."""
+    without an active exception", no Python frame left), which would turn a finished rank into a failed one. A
+    SIGTERM that came while it was leaving ends it as the signal asked (128 + 15), as in a forked rank."""
     procs.leave(open_files=True)
+    _left()
     os._exit(code)
 
 

@@ -133,7 +133,7 @@ def test_the_plan_carries_its_device_decision_to_the_ranks(tmp_path):
 
 def test_run_refuses_a_cuda_plan_this_torch_cannot_drive_before_any_worker(tmp_path, monkeypatch):
     """The plan counted GPUs from the driver's files; this torch sees fewer (none, on a CPU-only build): one usage
-    error (exit code 2) before the agent starts or the environment is touched."""
+    error (exit code 2) before the agent starts, the environment as it was and no fork server left."""
     monkeypatch.delenv("LAUNCHER_DEVICE", raising=False)
     gpus = torch.cuda.device_count() + 2
     p = local.plan(recipe.load(QUICK).cfg, str(tmp_path / "run"), gpus=gpus)
@@ -145,6 +145,9 @@ def test_run_refuses_a_cuda_plan_this_torch_cannot_drive_before_any_worker(tmp_p
     assert f"torch {torch.__version__}" in text and "checked before starting them" in text
     assert text.endswith("; nothing was started")
     assert "LAUNCHER_DEVICE" not in os.environ and not (tmp_path / "run").exists()
+    assert not any(k.startswith("TORCH_NCCL") for k in os.environ), "the plan's environment stayed behind"
+    from multiprocessing import forkserver
+    assert getattr(forkserver._forkserver, "_forkserver_pid", None) is None, "the fork server was left running"
 
 
 def test_threads_per_process_come_from_the_usable_cpus():

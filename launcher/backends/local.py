@@ -138,6 +138,7 @@ def run(p: Plan) -> int:
 def start(p: Plan) -> int:
     """Start the workers of this node and wait; returns the exit code for `launch` (each SLURM node task calls
     this directly)."""
+    before = dict(os.environ)  # what a refusal puts back (check_device below): nothing was started
     os.environ.update(p.env)
     # The agent's shared store outlives a restart of the group, and restarted workers then read the previous
     # attempt's gloo addresses and fail to connect. A store of their own per attempt (hosted by rank 0) avoids it.
@@ -160,7 +161,13 @@ def start(p: Plan) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    check_device(p)
+    try:
+        check_device(p)  # on CUDA it imports torch: side by side with the server's imports too
+    except UsageError:
+        _stop_fork_server()
+        os.environ.clear()
+        os.environ.update(before)
+        raise
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     _stop_children_of_failed_ranks(os.path.join(p.run_dir, "events.jsonl"))
     # join_timeout: how long nodes wait for each other (c10d); timeout: the same for a static rendezvous;
@@ -258,6 +265,18 @@ def _start_fork_server() -> None:
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     forkserver.ensure_running()
+
+
+def _stop_fork_server() -> None:
+    """End the fork server `_start_fork_server` started (a refused launch ends it before any rank exists)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        try:
+            stop()
+        except OSError:
+            pass
 
 
 def _stop_children_of_failed_ranks(events_path: str) -> None:
