@@ -80,13 +80,19 @@ def _narrow(count: int, visible: str | None) -> int:
     """`count` GPUs seen through a *_VISIBLE_DEVICES list (indices or UUIDs); unset: all of them."""
     if count == 0 or visible is None:
         return count
+    return min(len(visible_ids(visible)), count)
+
+
+def visible_ids(visible: str) -> list[str]:
+    """The entries of a *_VISIBLE_DEVICES list (indices, UUIDs, MIG names) as the runtimes read them: up to the
+    first empty or negative one."""
     ids = []
     for item in visible.split(","):
         item = item.strip()
         if not item or item.startswith("-"):
             break  # the runtimes stop at the first invalid entry
         ids.append(item)
-    return min(len(ids), count)
+    return ids
 
 
 def visibility_settings(environ: Mapping[str, str] | None = None) -> str:

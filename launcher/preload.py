@@ -40,6 +40,6 @@ else:
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = _nvml
 
 # What the imports made (some 300,000 objects) lives as long as the ranks do: out of the collector's sight in every
-# rank forked from here (gc.freeze), full collections and a rank's walk over its objects at exit (worker._leave, for
+# rank forked from here (gc.freeze), full collections and a rank's walk over its objects at exit (procs.leave, for
 # the files a script left open) see only what the rank made itself: that walk takes 0.04 s instead of 0.4 s.
 gc.freeze()

@@ -105,12 +105,7 @@ def gpu_ids(count: int, environ: Mapping[str, str]) -> tuple[str, list[str]]:
         var = "HIP_VISIBLE_DEVICES"
     ours = environ.get(var)
     if ours is not None:
-        ids = []
-        for item in ours.split(","):
-            item = item.strip()
-            if not item or item.startswith("-"):
-                break  # where the runtimes stop reading
-            ids.append(item)
+        ids = hardware.visible_ids(ours)
         if len(ids) >= count:
             return var, ids[:count]
     return var, [str(i) for i in range(count)]
